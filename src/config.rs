@@ -1,0 +1,463 @@
+//! `strata serve` configuration: TOML in, a validated [`ServeConfig`] out.
+//!
+//! Every error names the file, the field and the fix, because the person
+//! reading it is an operator at a prompt, often after a SIGHUP that must not
+//! take the target down.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub const DEFAULT_NQN: &str = "nqn.2026-11.dev.strata:default";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:4420";
+pub const DEFAULT_DISCOVERY: &str = "127.0.0.1:8009";
+
+#[derive(Debug)]
+pub struct ConfigError {
+    pub file: String,
+    pub field: String,
+    pub problem: String,
+    pub fix: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "config error in {}: field `{}`: {}\n  fix: {}",
+            self.file, self.field, self.problem, self.fix
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    target: RawTarget,
+    #[serde(default)]
+    listener: Vec<RawListener>,
+    #[serde(default)]
+    subsystem: Vec<RawSubsystem>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    reactors: Option<usize>,
+    discovery: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    name: String,
+    addr: String,
+    #[serde(default)]
+    ana: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSubsystem {
+    nqn: String,
+    serial: Option<String>,
+    model: Option<String>,
+    #[serde(default)]
+    allow_any_host: Option<bool>,
+    #[serde(default)]
+    hosts: Vec<String>,
+    listeners: Option<Vec<String>>,
+    #[serde(default)]
+    namespace: Vec<RawNamespace>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNamespace {
+    nsid: u32,
+    #[serde(rename = "type")]
+    kind: String,
+    size: Option<String>,
+    path: Option<String>,
+    block_size: Option<u32>,
+    ana_group: Option<u32>,
+    uuid: Option<String>,
+}
+
+/// What backs a namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum BackingSpec {
+    Ram { size: u64 },
+    File { path: PathBuf, size: Option<u64> },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamespaceSpec {
+    pub nsid: u32,
+    pub backing: BackingSpec,
+    pub block_size: u32,
+    pub ana_group: u32,
+    pub uuid: [u8; 16],
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerSpec {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub ana: BTreeMap<u32, strata_target::subsystem::AnaState>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubsystemSpec {
+    pub nqn: String,
+    pub serial: String,
+    pub model: String,
+    pub allow_any_host: bool,
+    pub hosts: Vec<String>,
+    /// Indexes into `ServeConfig::listeners`.
+    pub listeners: Vec<usize>,
+    pub namespaces: Vec<NamespaceSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServeConfig {
+    pub source: String,
+    pub reactors: Option<usize>,
+    pub discovery: Option<SocketAddr>,
+    pub listeners: Vec<ListenerSpec>,
+    pub subsystems: Vec<SubsystemSpec>,
+}
+
+/// The embedded default: one subsystem, a 1 GiB RAM namespace, I/O on
+/// 127.0.0.1:4420 and discovery on 127.0.0.1:8009.
+pub const EMBEDDED_DEFAULT: &str = r#"
+[target]
+discovery = "127.0.0.1:8009"
+
+[[listener]]
+name = "default"
+addr = "127.0.0.1:4420"
+
+[[subsystem]]
+nqn = "nqn.2026-11.dev.strata:default"
+allow_any_host = true
+
+[[subsystem.namespace]]
+nsid = 1
+type = "ram"
+size = "1GiB"
+"#;
+
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" | "kb" => 1 << 10,
+        "m" | "mib" | "mb" => 1 << 20,
+        "g" | "gib" | "gb" => 1 << 30,
+        "t" | "tib" | "tb" => 1 << 40,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+/// A stable namespace UUID derived from the subsystem NQN and NSID, so the
+/// same config yields the same identifiers across restarts and nodes: the
+/// Linux host refuses a multipath namespace whose IDs differ by path.
+pub fn derived_uuid(nqn: &str, nsid: u32) -> [u8; 16] {
+    let mut h1: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut h2: u64 = 0x8422_2325_cbf2_9ce4;
+    for b in nqn.bytes().chain(nsid.to_le_bytes()) {
+        h1 = (h1 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        h2 = (h2 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(7);
+    }
+    let mut u = [0u8; 16];
+    u[..8].copy_from_slice(&h1.to_be_bytes());
+    u[8..].copy_from_slice(&h2.to_be_bytes());
+    u[6] = (u[6] & 0x0f) | 0x80; // version 8: custom
+    u[8] = (u[8] & 0x3f) | 0x80; // RFC 4122 variant
+    u
+}
+
+fn parse_uuid(s: &str) -> Option<[u8; 16]> {
+    let hex: String = s.chars().filter(|c| *c != '-').collect();
+    if hex.len() != 32 {
+        return None;
+    }
+    let mut u = [0u8; 16];
+    for (i, b) in u.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[i * 2..i * 2 + 2], 16).ok()?;
+    }
+    Some(u)
+}
+
+impl ServeConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            field: "(file)".into(),
+            problem: format!("cannot read: {e}"),
+            fix: "pass an existing, readable TOML file to --config".into(),
+        })?;
+        Self::parse(&text, &file)
+    }
+
+    pub fn embedded_default() -> Self {
+        Self::parse(EMBEDDED_DEFAULT, "(embedded default)").expect("embedded default config is valid")
+    }
+
+    pub fn parse(text: &str, file: &str) -> Result<Self, ConfigError> {
+        let err = |field: &str, problem: String, fix: &str| ConfigError {
+            file: file.to_string(),
+            field: field.to_string(),
+            problem,
+            fix: fix.to_string(),
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let field = e
+                .message()
+                .split('`')
+                .nth(1)
+                .map(str::to_owned)
+                .unwrap_or_else(|| "(syntax)".into());
+            let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            ConfigError {
+                file: file.to_string(),
+                field,
+                problem: match line {
+                    Some(l) => format!("line {l}: {}", e.message()),
+                    None => e.message().to_string(),
+                },
+                fix: "correct the TOML; the fields are documented in docs/CONFIG.md".into(),
+            }
+        })?;
+
+        let discovery = match &raw.target.discovery {
+            None => None,
+            Some(s) => Some(s.parse::<SocketAddr>().map_err(|e| {
+                err("target.discovery", format!("`{s}` is not an address: {e}"), "use IP:PORT, e.g. \"127.0.0.1:8009\"")
+            })?),
+        };
+        if raw.target.reactors == Some(0) {
+            return Err(err("target.reactors", "0 reactors cannot serve anything".into(), "omit it (one per core) or set 1 or more"));
+        }
+
+        let mut listeners = Vec::new();
+        let mut names = HashSet::new();
+        for (i, l) in raw.listener.iter().enumerate() {
+            let f = |x: &str| format!("listener[{i}].{x}");
+            if !names.insert(l.name.clone()) {
+                return Err(err(&f("name"), format!("`{}` is used twice", l.name), "give every listener a unique name"));
+            }
+            let addr = l.addr.parse::<SocketAddr>().map_err(|e| {
+                err(&f("addr"), format!("`{}` is not an address: {e}", l.addr), "use IP:PORT, e.g. \"127.0.0.1:4420\"")
+            })?;
+            let mut ana = BTreeMap::new();
+            for (g, st) in &l.ana {
+                let grp: u32 = g.parse().ok().filter(|g| *g > 0).ok_or_else(|| {
+                    err(&f(&format!("ana.{g}")), format!("`{g}` is not an ANA group id"), "use a group number >= 1 as key, e.g. ana = { \"1\" = \"optimized\" }")
+                })?;
+                let state = strata_target::subsystem::AnaState::parse(st).ok_or_else(|| {
+                    err(
+                        &f(&format!("ana.{g}")),
+                        format!("`{st}` is not an ANA state"),
+                        "use one of optimized, non-optimized, inaccessible, persistent-loss, change",
+                    )
+                })?;
+                ana.insert(grp, state);
+            }
+            listeners.push(ListenerSpec {
+                name: l.name.clone(),
+                addr,
+                ana,
+            });
+        }
+
+        let mut subsystems = Vec::new();
+        let mut nqns = HashSet::new();
+        for (i, s) in raw.subsystem.iter().enumerate() {
+            let f = |x: &str| format!("subsystem[{i}].{x}");
+            if !s.nqn.starts_with("nqn.") || s.nqn.len() > 223 || s.nqn == strata_target::spec::DISCOVERY_NQN {
+                return Err(err(
+                    &f("nqn"),
+                    format!("`{}` is not a valid subsystem NQN", s.nqn),
+                    "use nqn.YYYY-MM.reverse.domain:name, at most 223 bytes, not the discovery NQN",
+                ));
+            }
+            if !nqns.insert(s.nqn.clone()) {
+                return Err(err(&f("nqn"), format!("`{}` is used twice", s.nqn), "give every subsystem a unique NQN"));
+            }
+            for (j, h) in s.hosts.iter().enumerate() {
+                if !h.starts_with("nqn.") || h.len() > 223 {
+                    return Err(err(&f(&format!("hosts[{j}]")), format!("`{h}` is not a host NQN"), "use the host's NQN from /etc/nvme/hostnqn"));
+                }
+            }
+            let allow_any_host = s.allow_any_host.unwrap_or(s.hosts.is_empty());
+            let listener_idx = match &s.listeners {
+                None => (0..listeners.len()).collect(),
+                Some(ls) => {
+                    let mut v = Vec::new();
+                    for (j, name) in ls.iter().enumerate() {
+                        let idx = listeners.iter().position(|l| &l.name == name).ok_or_else(|| {
+                            err(
+                                &f(&format!("listeners[{j}]")),
+                                format!("no listener is named `{name}`"),
+                                "name a [[listener]] defined in this file",
+                            )
+                        })?;
+                        v.push(idx);
+                    }
+                    v
+                }
+            };
+            let mut namespaces = Vec::new();
+            let mut nsids = HashSet::new();
+            for (j, n) in s.namespace.iter().enumerate() {
+                let f = |x: &str| format!("subsystem[{i}].namespace[{j}].{x}");
+                if n.nsid == 0 || n.nsid >= 0xffff_fff0 {
+                    return Err(err(&f("nsid"), format!("{} is not a usable NSID", n.nsid), "use 1, 2, 3, …"));
+                }
+                if n.nsid > 1024 {
+                    return Err(err(&f("nsid"), format!("{} exceeds the 1024 namespaces a subsystem holds", n.nsid), "use an NSID from 1 to 1024"));
+                }
+                if !nsids.insert(n.nsid) {
+                    return Err(err(&f("nsid"), format!("NSID {} is used twice", n.nsid), "give every namespace a unique NSID"));
+                }
+                let block_size = n.block_size.unwrap_or(512);
+                if block_size != 512 && block_size != 4096 {
+                    return Err(err(&f("block_size"), format!("{block_size} is not supported"), "use 512 or 4096"));
+                }
+                let size = match &n.size {
+                    None => None,
+                    Some(sz) => {
+                        let v = parse_size(sz).ok_or_else(|| err(&f("size"), format!("`{sz}` is not a size"), "write it like \"1GiB\", \"512MiB\" or \"4096\""))?;
+                        if v == 0 || v % u64::from(block_size) != 0 {
+                            return Err(err(&f("size"), format!("{v} bytes is not a positive multiple of the block size {block_size}"), "use a multiple of block_size"));
+                        }
+                        Some(v)
+                    }
+                };
+                let backing = match n.kind.as_str() {
+                    "ram" => BackingSpec::Ram {
+                        size: size.ok_or_else(|| err(&f("size"), "a RAM namespace needs a size".into(), "add size = \"1GiB\""))?,
+                    },
+                    "file" => BackingSpec::File {
+                        path: PathBuf::from(n.path.clone().ok_or_else(|| {
+                            err(&f("path"), "a file namespace needs a path".into(), "add path = \"/var/lib/strata/ns1.img\" (a file or block device)")
+                        })?),
+                        size,
+                    },
+                    other => {
+                        return Err(err(&f("type"), format!("`{other}` is not a namespace type"), "use \"ram\" or \"file\""));
+                    }
+                };
+                let uuid = match &n.uuid {
+                    None => derived_uuid(&s.nqn, n.nsid),
+                    Some(u) => parse_uuid(u).ok_or_else(|| err(&f("uuid"), format!("`{u}` is not a UUID"), "use the 8-4-4-4-12 hex form or omit it"))?,
+                };
+                let ana_group = n.ana_group.unwrap_or(1);
+                if ana_group == 0 || ana_group > 128 {
+                    return Err(err(&f("ana_group"), format!("{ana_group} is outside 1..=128"), "use an ANA group from 1 to 128"));
+                }
+                namespaces.push(NamespaceSpec {
+                    nsid: n.nsid,
+                    backing,
+                    block_size,
+                    ana_group,
+                    uuid,
+                });
+            }
+            subsystems.push(SubsystemSpec {
+                nqn: s.nqn.clone(),
+                serial: s.serial.clone().unwrap_or_else(|| serial_for(&s.nqn)),
+                model: s.model.clone().unwrap_or_else(|| "Strata".into()),
+                allow_any_host,
+                hosts: s.hosts.clone(),
+                listeners: listener_idx,
+                namespaces,
+            });
+        }
+        let mut addrs = HashSet::new();
+        for (i, l) in listeners.iter().enumerate() {
+            if !addrs.insert(l.addr) || Some(l.addr) == discovery {
+                return Err(err(&format!("listener[{i}].addr"), format!("{} is bound twice", l.addr), "give each listener (and target.discovery) its own address"));
+            }
+        }
+        Ok(Self {
+            source: file.to_string(),
+            reactors: raw.target.reactors,
+            discovery,
+            listeners,
+            subsystems,
+        })
+    }
+}
+
+fn serial_for(nqn: &str) -> String {
+    let u = derived_uuid(nqn, 0);
+    u[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_one_ram_namespace_on_4420() {
+        let c = ServeConfig::embedded_default();
+        assert_eq!(c.listeners[0].addr.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.discovery.unwrap().to_string(), DEFAULT_DISCOVERY);
+        assert_eq!(c.subsystems[0].nqn, DEFAULT_NQN);
+        assert_eq!(c.subsystems[0].namespaces[0].backing, BackingSpec::Ram { size: 1 << 30 });
+        assert!(c.subsystems[0].allow_any_host);
+    }
+
+    #[test]
+    fn errors_name_file_field_and_fix() {
+        let e = ServeConfig::parse("[[listener]]\nname='a'\naddr='nope'\n", "x.toml").unwrap_err();
+        assert_eq!(e.file, "x.toml");
+        assert_eq!(e.field, "listener[0].addr");
+        assert!(e.to_string().contains("fix:"), "{e}");
+
+        let e = ServeConfig::parse("[[subsystem]]\nnqn='nqn.a:b'\n[[subsystem.namespace]]\nnsid=1\ntype='ram'\n", "y.toml").unwrap_err();
+        assert_eq!(e.field, "subsystem[0].namespace[0].size");
+
+        let e = ServeConfig::parse("[[subsystem]]\nnqn='nqn.a:b'\n[[subsystem.namespace]]\nnsid=1\ntype='disk'\nsize='1M'\n", "y.toml").unwrap_err();
+        assert_eq!(e.field, "subsystem[0].namespace[0].type");
+
+        let e = ServeConfig::parse("[[subsystem]]\nnqn='nqn.a:b'\nbogus=1\n", "z.toml").unwrap_err();
+        assert_eq!(e.field, "bogus");
+        assert!(e.problem.contains("line 3"), "{}", e.problem);
+
+        let e = ServeConfig::parse("[[listener]]\nname='a'\naddr='127.0.0.1:1'\nana={'1'='sideways'}\n", "w.toml").unwrap_err();
+        assert_eq!(e.field, "listener[0].ana.1");
+
+        let e = ServeConfig::parse("[[subsystem]]\nnqn='nqn.a:b'\nlisteners=['x']\n", "v.toml").unwrap_err();
+        assert_eq!(e.field, "subsystem[0].listeners[0]");
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("1GiB"), Some(1 << 30));
+        assert_eq!(parse_size("512 MiB"), Some(512 << 20));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("1XB"), None);
+    }
+
+    #[test]
+    fn derived_uuids_are_stable_and_distinct() {
+        assert_eq!(derived_uuid("nqn.a", 1), derived_uuid("nqn.a", 1));
+        assert_ne!(derived_uuid("nqn.a", 1), derived_uuid("nqn.a", 2));
+        assert_ne!(derived_uuid("nqn.a", 1), derived_uuid("nqn.b", 1));
+    }
+}
