@@ -1,1 +1,60 @@
-fn main() {}
+//! The `strata` binary: wires the crates together.
+
+mod config;
+mod serve;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "strata", version, about = "NVMe-over-TCP block storage with tiered offload to object storage")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the NVMe/TCP target (the embedded default when no --config is given).
+    Serve {
+        /// TOML configuration file (see docs/CONFIG.md). SIGHUP re-reads it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override a listener's address; the Nth --listen replaces the Nth [[listener]].
+        #[arg(long)]
+        listen: Vec<SocketAddr>,
+        /// Override the discovery listener's address.
+        #[arg(long)]
+        discovery: Option<SocketAddr>,
+        /// Reactor threads (default: one per core).
+        #[arg(long)]
+        reactors: Option<usize>,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Serve {
+            config,
+            listen,
+            discovery,
+            reactors,
+        } => serve::run(serve::ServeArgs {
+            config,
+            listen,
+            discovery,
+            reactors,
+        }),
+    };
+    if let Err(e) = r {
+        eprintln!("strata: {e:#}");
+        std::process::exit(1);
+    }
+}
