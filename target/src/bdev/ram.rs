@@ -78,7 +78,7 @@ impl RamBdev {
             ));
         }
         let base = NonNull::new(ptr.cast::<u8>())
-            .ok_or_else(|| io::Error::new(io::ErrorKind::Other, "mmap returned a null mapping"))?;
+            .ok_or_else(|| io::Error::other("mmap returned a null mapping"))?;
         // SAFETY: sysconf has no memory-safety preconditions.
         let page_size = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
             n if n > 0 => n as usize,
