@@ -13,6 +13,8 @@
 
 mod iobuf;
 pub mod ram;
+#[cfg(test)]
+mod testutil;
 pub mod uring;
 
 pub use iobuf::{BufPool, IoBuf};
