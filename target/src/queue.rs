@@ -1286,3 +1286,7 @@ fn header_end(h: &PduHeader, hdgst: bool) -> usize {
         PduHeader::R2T(_) => pdu::R2T_HLEN + dg,
     }
 }
+
+#[cfg(test)]
+#[path = "queue_tests.rs"]
+mod tests;
