@@ -758,7 +758,12 @@ mod tests {
         let b = open(&dir.path().join("ns"), 512, Some(8 << 20), 128);
         report(dir.path(), &b);
         assert!(b.info().volatile_write_cache);
-        testutil::conformance(b).await;
+        testutil::conformance(b.clone()).await;
+        if matches!(fs_name(dir.path()).as_str(), "ext4" | "xfs") {
+            // Both fallocate modes ran natively.
+            assert!(!b.no_zero_range.load(Ordering::Relaxed));
+            assert!(!b.no_punch_hole.load(Ordering::Relaxed));
+        }
     }
 
     #[tokio::test(flavor = "current_thread")]
