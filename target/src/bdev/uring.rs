@@ -758,7 +758,12 @@ mod tests {
         let b = open(&dir.path().join("ns"), 512, Some(8 << 20), 128);
         report(dir.path(), &b);
         assert!(b.info().volatile_write_cache);
-        testutil::conformance(b).await;
+        testutil::conformance(b.clone()).await;
+        if matches!(fs_name(dir.path()).as_str(), "ext4" | "xfs") {
+            // Both fallocate modes ran natively.
+            assert!(!b.no_zero_range.load(Ordering::Relaxed));
+            assert!(!b.no_punch_hole.load(Ordering::Relaxed));
+        }
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -774,6 +779,40 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let b = open(&dir.path().join("ns"), 512, Some(8 << 20), 128);
         report(dir.path(), &b);
+        testutil::conformance(b).await;
+    }
+
+    /// tmpfs: O_DIRECT only on newer kernels, otherwise the buffered fallback.
+    #[tokio::test(flavor = "current_thread")]
+    async fn conformance_512_shm() {
+        let Ok(dir) = tempfile::tempdir_in("/dev/shm") else {
+            eprintln!("no /dev/shm; skipped");
+            return;
+        };
+        let b = open(&dir.path().join("ns"), 512, Some(8 << 20), 128);
+        report(dir.path(), &b);
+        testutil::conformance(b.clone()).await;
+        // tmpfs punches holes but cannot zero a range: the real EOPNOTSUPP
+        // path to zero-writes ran.
+        assert!(b.no_zero_range.load(Ordering::Relaxed));
+        assert!(!b.no_punch_hole.load(Ordering::Relaxed));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn conformance_buffered() {
+        let dir = real_fs_dir();
+        let b = UringBdev::open(
+            &dir.path().join("ns"),
+            UringOptions {
+                block_size: 512,
+                size_bytes: Some(8 << 20),
+                direct: false,
+                queue_depth: 32,
+            },
+        )
+        .unwrap();
+        assert!(!b.is_direct());
+        assert!(b.info().volatile_write_cache);
         testutil::conformance(b).await;
     }
 
