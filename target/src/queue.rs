@@ -524,6 +524,17 @@ impl QueuePair {
     fn on_capsule(&mut self, cmd: NvmeCmd, skip: usize, data_len: usize, has_ddgst: bool, now_ms: u64) {
         self.stats.commands += 1;
         self.sqhd = if self.sqsize == 0 { 0 } else { (self.sqhd + 1) % (self.sqsize + 1) };
+        // The codec bounds every payload by the larger of the two limits;
+        // capsules have the smaller one.
+        if data_len > self.limits.in_capsule_data as usize {
+            return self.fatal(
+                PduError {
+                    fes: FatalErrorStatus::DataLimitExceeded,
+                    fei: 0,
+                },
+                Vec::new(),
+            );
+        }
         let sgl = cmd.sgl();
         // In-capsule data must be described by an offset data block SGL of
         // exactly that length; anything else is a malformed command whose

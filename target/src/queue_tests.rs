@@ -4,7 +4,7 @@
 use super::*;
 use crate::bdev::ram::RamBdev;
 use crate::pdu::{ICReq, Parsed};
-use crate::spec::{ConnectData, SglDescriptor, prop};
+use crate::spec::{self, ConnectData, SglDescriptor, prop};
 use crate::subsystem::{NamespaceConfig, PortConfig, SubsystemConfig, TargetConfig};
 use std::task::Waker;
 
