@@ -309,6 +309,7 @@ impl Target {
         let mut ns_notices: Vec<(Arc<Ctrlr>, Vec<u32>)> = Vec::new();
         let mut ana_notices = Vec::new();
         let mut disc_notices = Vec::new();
+        let mut ana_log_changed = false;
         let disc_changed = old.discovery_fingerprint() != new.discovery_fingerprint();
 
         for (key, c) in &reg.ctrls {
@@ -333,7 +334,19 @@ impl Target {
             if !changed.is_empty() {
                 ns_notices.push((c.clone(), changed));
             }
-            if old.ana_groups(c.subnqn(), c.port_id()) != new.ana_groups(c.subnqn(), c.port_id()) {
+            let og = old.ana_groups(c.subnqn(), c.port_id());
+            let ng = new.ana_groups(c.subnqn(), c.port_id());
+            if og != ng {
+                ana_log_changed = true;
+            }
+            // Group membership changes come with a Namespace Attribute
+            // Changed event, after which the host re-reads the ANA log
+            // anyway; the ANA Change notice is for state transitions (as
+            // nvmet sends it).
+            if og
+                .iter()
+                .any(|(g, (st, _))| ng.get(g).is_some_and(|(nst, _)| nst != st))
+            {
                 ana_notices.push(c.clone());
             }
         }
@@ -343,7 +356,7 @@ impl Target {
                 c.mark_destroyed();
             }
         }
-        if !ana_notices.is_empty() {
+        if ana_log_changed {
             self.ana_chgcnt.fetch_add(1, Ordering::AcqRel);
         }
         if disc_changed {
