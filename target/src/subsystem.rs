@@ -51,6 +51,9 @@ impl AnaState {
     }
 }
 
+/// (NSID, size, block size, VWC, UUID, NGUID, EUI64, ANAGRPID).
+type NamespaceIdentity = (u32, u64, u32, bool, [u8; 16], [u8; 16], [u8; 8], u32);
+
 #[derive(Clone)]
 pub struct NamespaceConfig {
     pub nsid: u32,
@@ -80,7 +83,7 @@ impl NamespaceConfig {
 
     /// What a host can observe of the namespace through Identify; a change
     /// here is a Namespace Attribute Changed event.
-    fn visible(&self) -> (u32, u64, u32, bool, [u8; 16], [u8; 16], [u8; 8], u32) {
+    fn visible(&self) -> NamespaceIdentity {
         let i = self.bdev.info();
         (
             self.nsid,

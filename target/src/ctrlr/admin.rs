@@ -623,10 +623,10 @@ impl Ctrlr {
     ) -> Res<Option<(u32, Vec<u8>)>> {
         // Older parked AERs are served first, so an event left pending means
         // none is parked and this one takes it.
-        if st.parked_aers.is_empty() {
-            if let Some(ev) = st.pending.pop_front() {
-                return Ok(Some((ev.dw0(), Vec::new())));
-            }
+        if st.parked_aers.is_empty()
+            && let Some(ev) = st.pending.pop_front()
+        {
+            return Ok(Some((ev.dw0(), Vec::new())));
         }
         if st.parked_aers.len() > usize::from(AERL) {
             return Err(Status::ASYNC_EVENT_LIMIT_EXCEEDED.dnr());

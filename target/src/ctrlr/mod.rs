@@ -511,15 +511,16 @@ impl Ctrlr {
         }
         let cfg = self.snapshot();
         let mut namespaces = Vec::new();
-        if !self.discovery && !self.is_destroyed() {
-            if let Some(sub) = cfg.subsystem_on_port(&self.subnqn, self.port_id) {
-                for ns in sub.active_namespaces() {
-                    namespaces.push(IoNamespace {
-                        nsid: ns.nsid,
-                        bdev: ns.bdev.clone(),
-                        ana_state: cfg.ana_state(self.port_id, ns.effective_anagrpid()),
-                    });
-                }
+        if !self.discovery
+            && !self.is_destroyed()
+            && let Some(sub) = cfg.subsystem_on_port(&self.subnqn, self.port_id)
+        {
+            for ns in sub.active_namespaces() {
+                namespaces.push(IoNamespace {
+                    nsid: ns.nsid,
+                    bdev: ns.bdev.clone(),
+                    ana_state: cfg.ana_state(self.port_id, ns.effective_anagrpid()),
+                });
             }
         }
         let view = Arc::new(IoView {

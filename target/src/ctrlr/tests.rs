@@ -1381,7 +1381,7 @@ fn discovery_controller() {
 #[test]
 fn no_panic_on_arbitrary_commands() {
     use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5747_a7a);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x0574_7a7a);
     let t = Target::new(cfg());
     let c = bring_up(&t, 1, SUB1, HOST1);
     let d = bring_up(&t, 1, DISCOVERY_NQN, HOST1);
