@@ -17,7 +17,8 @@
 //!   so abandoned discovery sessions are reaped.
 //! * Abort is the minimal implementation the spec allows: it completes with
 //!   DW0 bit 0 set ("command not aborted"); every admin command here completes
-//!   immediately, and AERs are only ever completed by events or teardown.
+//!   immediately except AERs, which complete only with an event (a
+//!   controller reset or teardown drops them; the host aborts its own).
 
 mod admin;
 #[cfg(test)]
