@@ -1,1 +1,630 @@
-//! (in progress)
+//! The sans-IO NVMe controller: Fabrics Connect, the admin command set,
+//! Keep Alive, asynchronous events and the I/O path's view of namespaces.
+//!
+//! One [`Ctrlr`] is shared by its admin connection and its I/O connections,
+//! which run on different threads. Admin state sits behind a `Mutex` (the
+//! admin queue is cold); what the I/O path reads per batch (destroyed,
+//! enabled, keep-alive activity, the namespace view generation) is atomic.
+//!
+//! Decisions worth knowing:
+//! * Keep Alive: KATO is kept with 1 s granularity (KAS = 10 × 100 ms, as
+//!   nvmet) and expires strictly after KATO without any admin command, Keep
+//!   Alive or I/O [`Ctrlr::touch`], as SPDK does. No extra grace: the host
+//!   sends Keep Alive every KATO/2, which already leaves half a period of
+//!   slack, and counting I/O as activity (like nvmet's traffic-based keep
+//!   alive) covers hosts whose Keep Alive is stuck behind I/O.
+//!   A discovery controller connected with KATO 0 gets 120 s, as nvmet does,
+//!   so abandoned discovery sessions are reaped.
+//! * Abort is the minimal implementation the spec allows: it completes with
+//!   DW0 bit 0 set ("command not aborted"); every admin command here completes
+//!   immediately except AERs, which complete only with an event (a
+//!   controller reset or teardown drops them; the host aborts its own).
+
+mod admin;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::Waker;
+
+use crate::bdev::Bdev;
+use crate::spec::{
+    CONNECT_DATA_LEN, ConnectData, DISCOVERY_NQN, NvmeCmd, NvmeCpl, Status, admin_opc, fctype,
+};
+use crate::subsystem::{AnaState, Target, TargetConfig, lock};
+
+/// In-capsule data the transport accepts with a command (IOCCSZ derives
+/// from it).
+pub const IN_CAPSULE_DATA_SIZE: u32 = 8192;
+/// Largest H2CData PDU the transport advertises in ICResp.
+pub const MAXH2CDATA: u32 = 131072;
+/// Largest data transfer of one command (MDTS = 8 with a 4 KiB CAP.MPSMIN).
+pub const MDTS_BYTES: u32 = 1 << 20;
+/// I/O queue pairs one controller may have.
+pub const MAX_IO_QUEUES: u16 = 127;
+/// CAP.MQES: maximum I/O queue entries, 0's based.
+pub const MQES: u16 = 1023;
+/// Outstanding Asynchronous Event Requests, 0's based (AERL).
+pub const AERL: u8 = 3;
+/// KAS in 100 ms units: Keep Alive granularity of one second.
+pub const KAS: u16 = 10;
+/// Keep Alive granularity in ms, from KAS.
+pub const KATO_GRANULARITY_MS: u64 = KAS as u64 * 100;
+/// KATO of a discovery controller whose host asked for none (nvmet's value).
+pub const DISCOVERY_DEFAULT_KATO_MS: u64 = 120_000;
+/// NVMe version 1.4.
+pub const NVME_VERSION: u32 = 0x0001_0400;
+
+/// Result of a Fabrics Connect.
+pub enum Connected {
+    Admin {
+        ctrlr: Arc<Ctrlr>,
+    },
+    Io {
+        ctrlr: Arc<Ctrlr>,
+        qid: u16,
+        sqsize: u16,
+    },
+}
+
+pub enum AdminResult {
+    /// Send `cpl`; if `data` is non-empty, send it to the host first as C2H
+    /// data (the caller truncates it to the command's SGL length).
+    Complete { cpl: NvmeCpl, data: Vec<u8> },
+    /// An Asynchronous Event Request was parked; its completion will come
+    /// from `take_events`.
+    Deferred,
+}
+
+/// The I/O path's view of the namespaces of one controller.
+pub struct IoView {
+    pub generation: u64,
+    /// Sorted by nsid.
+    pub namespaces: Vec<IoNamespace>,
+}
+
+impl IoView {
+    pub fn get(&self, nsid: u32) -> Option<&IoNamespace> {
+        self.namespaces
+            .binary_search_by_key(&nsid, |n| n.nsid)
+            .ok()
+            .map(|i| &self.namespaces[i])
+    }
+}
+
+pub struct IoNamespace {
+    pub nsid: u32,
+    pub bdev: Arc<dyn Bdev>,
+    /// ANA state of its group on this controller's port.
+    pub ana_state: AnaState,
+}
+
+/// Asynchronous event kinds this controller reports, each a Notice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Event {
+    NsAttrChanged,
+    AnaChange,
+    DiscoveryLogChange,
+}
+
+/// Asynchronous Event Type "Notice".
+const AER_TYPE_NOTICE: u32 = 2;
+
+impl Event {
+    /// The bit enabling it in Asynchronous Event Configuration (and in OAES).
+    pub(crate) fn aec_bit(self) -> u32 {
+        match self {
+            Event::NsAttrChanged => 1 << 8,
+            Event::AnaChange => 1 << 11,
+            Event::DiscoveryLogChange => 1 << 31,
+        }
+    }
+    fn info(self) -> u32 {
+        match self {
+            Event::NsAttrChanged => 0x00,
+            Event::AnaChange => 0x03,
+            Event::DiscoveryLogChange => 0xF0,
+        }
+    }
+    pub(crate) fn log_page(self) -> u8 {
+        match self {
+            Event::NsAttrChanged => crate::spec::lid::CHANGED_NS_LIST,
+            Event::AnaChange => crate::spec::lid::ANA,
+            Event::DiscoveryLogChange => crate::spec::lid::DISCOVERY,
+        }
+    }
+    /// Completion DW0 of the AER reporting it.
+    fn dw0(self) -> u32 {
+        AER_TYPE_NOTICE | (self.info() << 8) | (u32::from(self.log_page()) << 16)
+    }
+}
+
+/// Mutable admin-queue state.
+pub(crate) struct AdminState {
+    pub(crate) cc: u32,
+    pub(crate) csts: u32,
+    /// I/O queue pairs granted by Set Features Number of Queues.
+    pub(crate) io_queues_granted: Option<u16>,
+    pub(crate) io_qids: BTreeSet<u16>,
+    pub(crate) aec: u32,
+    pub(crate) vwc_enabled: bool,
+    pub(crate) temp_over: u16,
+    pub(crate) temp_under: u16,
+    pub(crate) connect_kato_ms: u64,
+    /// CIDs of parked AERs, oldest first.
+    pub(crate) parked_aers: VecDeque<u16>,
+    /// Events waiting for an AER.
+    pub(crate) pending: VecDeque<Event>,
+    /// Events reported (or queued) whose log page has not been read yet: the
+    /// spec masks further events of that type until then.
+    pub(crate) masked: u32,
+    /// Completions of parked AERs, for `take_events`.
+    pub(crate) ready: Vec<NvmeCpl>,
+    pub(crate) waker: Option<Waker>,
+    pub(crate) changed_ns: Vec<u32>,
+    pub(crate) changed_ns_overflow: bool,
+}
+
+pub struct Ctrlr {
+    target: Weak<Target>,
+    generation: Arc<AtomicU64>,
+    cntlid: u16,
+    subnqn: String,
+    hostnqn: String,
+    hostid: [u8; 16],
+    port_id: u16,
+    discovery: bool,
+    kato_ms: AtomicU64,
+    last_activity_ms: AtomicU64,
+    destroyed: AtomicBool,
+    enabled: AtomicBool,
+    state: Mutex<AdminState>,
+    io_view: Mutex<Arc<IoView>>,
+}
+
+/// Connect response DW0 for an invalid parameter in the Connect data
+/// (IATTR = 1) at byte offset `ipo`: bits 23:16 IATTR, bits 15:0 IPO.
+fn ipo_data(ipo: u16) -> u32 {
+    (1 << 16) | u32::from(ipo)
+}
+
+/// Connect response DW0 for an invalid parameter in the SQE (IATTR = 0).
+fn ipo_sqe(ipo: u16) -> u32 {
+    u32::from(ipo)
+}
+
+/// Byte offsets in the Connect command and its data, for IPO.
+const SQE_OFF_QID: u16 = 42;
+const SQE_OFF_SQSIZE: u16 = 44;
+const DATA_OFF_HOSTID: u16 = 0;
+const DATA_OFF_CNTLID: u16 = 16;
+const DATA_OFF_SUBNQN: u16 = 256;
+const DATA_OFF_HOSTNQN: u16 = 512;
+/// Connect data CNTLID asking for the dynamic controller model.
+const CNTLID_DYNAMIC: u16 = 0xFFFF;
+
+fn cpl(cid: u16, status: Status, dw0: u32) -> NvmeCpl {
+    NvmeCpl {
+        dw0,
+        ..NvmeCpl::new(cid, status)
+    }
+}
+
+/// Handles Fabrics Connect (opc 0x7F, fctype 0x01) arriving on a new queue
+/// through port `port_id`. `data` is the 1024-byte Connect data (in-capsule).
+///
+/// Dynamic controller model: admin Connect with cntlid 0xFFFF allocates a
+/// cntlid unique within the subsystem (1..=0xFFEF) from the registry shared by
+/// all connections; I/O Connect names that cntlid and must come from the same
+/// hostnqn/hostid through the same port, on a qid <= the number of I/O queues
+/// granted by Set Features 0x07, after CC.EN=1. The discovery subsystem is
+/// connectable on any port and yields a discovery controller.
+///
+/// Errors return the CQE to send, with DNR and, for Invalid Parameters,
+/// DW0 = IATTR << 16 | IPO as nvmet reports them.
+pub fn connect(
+    target: &Arc<Target>,
+    port_id: u16,
+    cmd: &NvmeCmd,
+    data: &[u8],
+    now_ms: u64,
+) -> Result<(Connected, NvmeCpl), NvmeCpl> {
+    let cid = cmd.cid();
+    let fail = |status: Status, dw0: u32| Err(cpl(cid, status.dnr(), dw0));
+    if cmd.opcode() != admin_opc::FABRICS || cmd.fctype() != fctype::CONNECT {
+        return fail(Status::INVALID_OPCODE, 0);
+    }
+    let recfmt = cmd.cdw10() as u16;
+    let qid = (cmd.cdw10() >> 16) as u16;
+    let sqsize = cmd.cdw11() as u16;
+    let kato = cmd.cdw12();
+    if recfmt != 0 {
+        return fail(Status::CONNECT_INCOMPATIBLE_FORMAT, 0);
+    }
+    if data.len() < CONNECT_DATA_LEN {
+        return fail(Status::DATA_SGL_LENGTH_INVALID, 0);
+    }
+    let d = match ConnectData::decode(data) {
+        Ok(d) => d,
+        Err(off) => return fail(Status::CONNECT_INVALID_PARAM, ipo_data(off)),
+    };
+    let discovery = d.subnqn == DISCOVERY_NQN;
+    // Registry before config (the lock order), and held throughout so a
+    // concurrent `apply` either sees this controller or it sees the new config.
+    let mut reg = lock(&target.registry);
+    let cfg = target.snapshot();
+    if !discovery {
+        let Some(sub) = cfg.subsystem_on_port(&d.subnqn, port_id) else {
+            return fail(Status::CONNECT_INVALID_PARAM, ipo_data(DATA_OFF_SUBNQN));
+        };
+        if !sub.host_allowed(&d.hostnqn) {
+            return fail(Status::CONNECT_INVALID_HOST, ipo_data(DATA_OFF_HOSTNQN));
+        }
+    }
+    if qid == 0 {
+        if d.cntlid != CNTLID_DYNAMIC {
+            return fail(Status::CONNECT_INVALID_PARAM, ipo_data(DATA_OFF_CNTLID));
+        }
+        // MQES bounds I/O queues only; the admin queue just must exist.
+        if sqsize == 0 {
+            return fail(Status::CONNECT_INVALID_PARAM, ipo_sqe(SQE_OFF_SQSIZE));
+        }
+        let Some(cntlid) = reg.alloc_cntlid(&d.subnqn) else {
+            return fail(Status::CONNECT_CTRL_BUSY, 0);
+        };
+        let mut kato_ms = u64::from(kato);
+        if discovery && kato_ms == 0 {
+            kato_ms = DISCOVERY_DEFAULT_KATO_MS;
+        }
+        let kato_ms = round_kato(kato_ms);
+        let ctrlr = Arc::new(Ctrlr::new(target, &d, cntlid, port_id, kato_ms, now_ms));
+        reg.ctrls.insert((d.subnqn.clone(), cntlid), ctrlr.clone());
+        drop(reg);
+        tracing::info!(cntlid, subnqn = %d.subnqn, hostnqn = %d.hostnqn, port_id, "controller created");
+        return Ok((
+            Connected::Admin { ctrlr },
+            cpl(cid, Status::SUCCESS, u32::from(cntlid)),
+        ));
+    }
+
+    if discovery {
+        // A discovery controller has no I/O queues.
+        return fail(Status::CONNECT_INVALID_PARAM, ipo_sqe(SQE_OFF_QID));
+    }
+    let ctrlr = match reg.ctrls.get(&(d.subnqn.clone(), d.cntlid)) {
+        Some(c) if c.hostnqn == d.hostnqn && c.port_id == port_id && !c.is_destroyed() => c.clone(),
+        _ => return fail(Status::CONNECT_INVALID_PARAM, ipo_data(DATA_OFF_CNTLID)),
+    };
+    drop(reg);
+    if ctrlr.hostid != d.hostid {
+        return fail(Status::CONNECT_INVALID_PARAM, ipo_data(DATA_OFF_HOSTID));
+    }
+    let mut st = lock(&ctrlr.state);
+    if !ctrlr.is_enabled() {
+        return fail(Status::COMMAND_SEQUENCE_ERROR, 0);
+    }
+    if qid > st.io_queues_granted.unwrap_or(0) {
+        return fail(Status::CONNECT_INVALID_PARAM, ipo_sqe(SQE_OFF_QID));
+    }
+    if sqsize == 0 || sqsize > MQES {
+        return fail(Status::CONNECT_INVALID_PARAM, ipo_sqe(SQE_OFF_SQSIZE));
+    }
+    if !st.io_qids.insert(qid) {
+        return fail(Status::COMMAND_SEQUENCE_ERROR, 0);
+    }
+    drop(st);
+    ctrlr.touch(now_ms);
+    let dw0 = u32::from(ctrlr.cntlid);
+    Ok((
+        Connected::Io { ctrlr, qid, sqsize },
+        cpl(cid, Status::SUCCESS, dw0),
+    ))
+}
+
+/// Rounds a KATO up to the granularity KAS advertises.
+fn round_kato(ms: u64) -> u64 {
+    ms.div_ceil(KATO_GRANULARITY_MS)
+        .saturating_mul(KATO_GRANULARITY_MS)
+}
+
+impl Ctrlr {
+    fn new(
+        target: &Arc<Target>,
+        d: &ConnectData,
+        cntlid: u16,
+        port_id: u16,
+        kato_ms: u64,
+        now_ms: u64,
+    ) -> Self {
+        let discovery = d.subnqn == DISCOVERY_NQN;
+        Ctrlr {
+            target: Arc::downgrade(target),
+            generation: target.generation.clone(),
+            cntlid,
+            subnqn: d.subnqn.clone(),
+            hostnqn: d.hostnqn.clone(),
+            hostid: d.hostid,
+            port_id,
+            discovery,
+            kato_ms: AtomicU64::new(kato_ms),
+            last_activity_ms: AtomicU64::new(now_ms),
+            destroyed: AtomicBool::new(false),
+            enabled: AtomicBool::new(false),
+            state: Mutex::new(AdminState::new(discovery, kato_ms)),
+            io_view: Mutex::new(Arc::new(IoView {
+                generation: 0,
+                namespaces: Vec::new(),
+            })),
+        }
+    }
+
+    pub fn cntlid(&self) -> u16 {
+        self.cntlid
+    }
+    pub fn subnqn(&self) -> &str {
+        &self.subnqn
+    }
+    pub fn hostnqn(&self) -> &str {
+        &self.hostnqn
+    }
+    pub fn hostid(&self) -> [u8; 16] {
+        self.hostid
+    }
+    pub fn port_id(&self) -> u16 {
+        self.port_id
+    }
+    pub fn is_discovery(&self) -> bool {
+        self.discovery
+    }
+
+    fn snapshot(&self) -> Arc<TargetConfig> {
+        self.target
+            .upgrade()
+            .map(|t| t.snapshot())
+            .unwrap_or_default()
+    }
+
+    /// Executes one admin-queue command: Admin opcodes AND Fabrics Property
+    /// Get/Set and Disconnect. Connect on an established admin queue →
+    /// COMMAND_SEQUENCE_ERROR. `data_in` = host-to-controller data that came
+    /// with the command (may be empty; no supported command takes any).
+    /// Resets the keep-alive timer.
+    pub fn exec_admin(&self, cmd: &NvmeCmd, _data_in: &[u8], now_ms: u64) -> AdminResult {
+        self.touch(now_ms);
+        if self.is_destroyed() {
+            return AdminResult::Complete {
+                cpl: NvmeCpl::new(cmd.cid(), Status::ABORTED_SQ_DELETION),
+                data: Vec::new(),
+            };
+        }
+        // Taken before the state lock: see the lock order in `subsystem`.
+        let cfg = self.snapshot();
+        let ana_chgcnt = self
+            .target
+            .upgrade()
+            .map(|t| t.ana_chgcnt.load(Ordering::Acquire))
+            .unwrap_or(0);
+        let disc_genctr = self
+            .target
+            .upgrade()
+            .map(|t| t.disc_genctr.load(Ordering::Acquire))
+            .unwrap_or(0);
+        let ctx = admin::Ctx {
+            cfg: &cfg,
+            ana_chgcnt,
+            disc_genctr,
+        };
+        let mut st = lock(&self.state);
+        let r = self.dispatch(&mut st, &ctx, cmd);
+        self.enabled.store(st.is_ready(), Ordering::Release);
+        r
+    }
+
+    /// Completions for parked AERs that now have an event to report (the
+    /// admin connection sends them).
+    pub fn take_events(&self) -> Vec<NvmeCpl> {
+        std::mem::take(&mut lock(&self.state).ready)
+    }
+
+    /// The admin connection's waker; `wake()`d when take_events has
+    /// something, and when the controller is destroyed.
+    pub fn set_event_waker(&self, waker: Waker) {
+        let mut st = lock(&self.state);
+        let wake_now = !st.ready.is_empty() || self.is_destroyed();
+        st.waker = Some(waker.clone());
+        drop(st);
+        if wake_now {
+            waker.wake();
+        }
+    }
+
+    /// Any command activity (I/O queues call this once per batch).
+    pub fn touch(&self, now_ms: u64) {
+        self.last_activity_ms.fetch_max(now_ms, Ordering::Relaxed);
+    }
+
+    /// KATO in ms (0 = disabled).
+    pub fn kato_ms(&self) -> u64 {
+        self.kato_ms.load(Ordering::Relaxed)
+    }
+
+    /// True if KATO is enabled and nothing (admin command, Keep Alive or I/O
+    /// `touch`) arrived for longer than KATO. No grace beyond KATO (see the
+    /// module docs).
+    pub fn kato_expired(&self, now_ms: u64) -> bool {
+        let kato = self.kato_ms();
+        kato != 0 && now_ms.saturating_sub(self.last_activity_ms.load(Ordering::Relaxed)) > kato
+    }
+
+    /// Removes the controller from the registry (host went silent, admin
+    /// queue closed, or subsystem/host removed). Idempotent.
+    pub fn destroy(&self) {
+        if self.destroyed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.enabled.store(false, Ordering::Release);
+        if let Some(t) = self.target.upgrade() {
+            t.unregister(&self.subnqn, self.cntlid);
+        }
+        self.wake();
+        tracing::info!(cntlid = self.cntlid, subnqn = %self.subnqn, "controller destroyed");
+    }
+
+    /// Destruction decided by the target while it holds the registry.
+    pub(crate) fn mark_destroyed(&self) {
+        if !self.destroyed.swap(true, Ordering::AcqRel) {
+            self.enabled.store(false, Ordering::Release);
+            self.wake();
+            tracing::info!(cntlid = self.cntlid, subnqn = %self.subnqn, "controller removed by reconfiguration");
+        }
+    }
+
+    pub fn is_destroyed(&self) -> bool {
+        self.destroyed.load(Ordering::Acquire)
+    }
+
+    /// CC.EN=1 && CSTS.RDY=1 && not shut down (and not destroyed).
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.load(Ordering::Acquire) && !self.is_destroyed()
+    }
+
+    /// The target generation the current `io_view` must match.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// An I/O queue of this controller closed; its QID may be connected again.
+    pub fn release_io_queue(&self, qid: u16) {
+        lock(&self.state).io_qids.remove(&qid);
+    }
+
+    /// The I/O path's view of namespaces for this controller's subsystem and
+    /// port. Rebuilt only when the target generation moved.
+    pub fn io_view(&self) -> Arc<IoView> {
+        // Generation before config: the config is stored before the
+        // generation is bumped, so a view is never newer-tagged than its data.
+        let generation = self.generation();
+        let mut cached = lock(&self.io_view);
+        if cached.generation == generation {
+            return cached.clone();
+        }
+        let cfg = self.snapshot();
+        let mut namespaces = Vec::new();
+        if !self.discovery
+            && !self.is_destroyed()
+            && let Some(sub) = cfg.subsystem_on_port(&self.subnqn, self.port_id)
+        {
+            for ns in sub.active_namespaces() {
+                namespaces.push(IoNamespace {
+                    nsid: ns.nsid,
+                    bdev: ns.bdev.clone(),
+                    ana_state: cfg.ana_state(self.port_id, ns.effective_anagrpid()),
+                });
+            }
+        }
+        let view = Arc::new(IoView {
+            generation,
+            namespaces,
+        });
+        *cached = view.clone();
+        view
+    }
+
+    fn wake(&self) {
+        let w = lock(&self.state).waker.clone();
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+
+    /// Namespaces changed: record them in the Changed Namespace List and
+    /// raise Namespace Attribute Changed.
+    pub(crate) fn notice_ns_changed(&self, nsids: &[u32]) {
+        {
+            let mut st = lock(&self.state);
+            for &n in nsids {
+                if st.changed_ns_overflow || st.changed_ns.contains(&n) {
+                    continue;
+                }
+                if st.changed_ns.len() >= crate::spec::log::CHANGED_NS_LIST_ENTRIES {
+                    st.changed_ns_overflow = true;
+                    st.changed_ns.clear();
+                } else {
+                    st.changed_ns.push(n);
+                }
+            }
+        }
+        self.raise(Event::NsAttrChanged);
+    }
+
+    pub(crate) fn notice_ana_change(&self) {
+        self.raise(Event::AnaChange);
+    }
+
+    pub(crate) fn notice_disc_change(&self) {
+        self.raise(Event::DiscoveryLogChange);
+    }
+
+    /// Queues an event unless the host disabled it or one of its type is
+    /// still unacknowledged (its log page unread), and completes the oldest
+    /// parked AER with it.
+    fn raise(&self, ev: Event) {
+        let mut st = lock(&self.state);
+        let bit = ev.aec_bit();
+        if st.aec & bit == 0 || st.masked & bit != 0 {
+            return;
+        }
+        st.masked |= bit;
+        st.pending.push_back(ev);
+        let fired = st.deliver();
+        let waker = if fired { st.waker.clone() } else { None };
+        drop(st);
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+impl AdminState {
+    fn new(discovery: bool, kato_ms: u64) -> Self {
+        AdminState {
+            cc: 0,
+            csts: 0,
+            io_queues_granted: None,
+            io_qids: BTreeSet::new(),
+            aec: admin::oaes(discovery),
+            vwc_enabled: true,
+            temp_over: admin::DEFAULT_TEMP_OVER_K,
+            temp_under: 0,
+            connect_kato_ms: kato_ms,
+            parked_aers: VecDeque::new(),
+            pending: VecDeque::new(),
+            masked: 0,
+            ready: Vec::new(),
+            waker: None,
+            changed_ns: Vec::new(),
+            changed_ns_overflow: false,
+        }
+    }
+
+    /// Pairs pending events with parked AERs; true if any completed.
+    fn deliver(&mut self) -> bool {
+        let mut fired = false;
+        while !self.pending.is_empty() && !self.parked_aers.is_empty() {
+            if let (Some(ev), Some(cid)) = (self.pending.pop_front(), self.parked_aers.pop_front())
+            {
+                self.ready.push(cpl(cid, Status::SUCCESS, ev.dw0()));
+                fired = true;
+            }
+        }
+        fired
+    }
+
+    pub(crate) fn is_ready(&self) -> bool {
+        admin::cc_en(self.cc)
+            && self.csts & admin::CSTS_RDY != 0
+            && self.csts & admin::CSTS_SHST_MASK == 0
+    }
+}
