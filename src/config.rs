@@ -11,10 +11,6 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-pub const DEFAULT_NQN: &str = "nqn.2026-11.dev.strata:default";
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:4420";
-pub const DEFAULT_DISCOVERY: &str = "127.0.0.1:8009";
-
 #[derive(Debug)]
 pub struct ConfigError {
     pub file: String,
@@ -178,7 +174,9 @@ pub fn derived_uuid(nqn: &str, nsid: u32) -> [u8; 16] {
     let mut h2: u64 = 0x8422_2325_cbf2_9ce4;
     for b in nqn.bytes().chain(nsid.to_le_bytes()) {
         h1 = (h1 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        h2 = (h2 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(7);
+        h2 = (h2 ^ u64::from(b))
+            .wrapping_mul(0x0000_0100_0000_01b3)
+            .rotate_left(7);
     }
     let mut u = [0u8; 16];
     u[..8].copy_from_slice(&h1.to_be_bytes());
@@ -213,7 +211,8 @@ impl ServeConfig {
     }
 
     pub fn embedded_default() -> Self {
-        Self::parse(EMBEDDED_DEFAULT, "(embedded default)").expect("embedded default config is valid")
+        Self::parse(EMBEDDED_DEFAULT, "(embedded default)")
+            .expect("embedded default config is valid")
     }
 
     pub fn parse(text: &str, file: &str) -> Result<Self, ConfigError> {
@@ -230,7 +229,9 @@ impl ServeConfig {
                 .nth(1)
                 .map(str::to_owned)
                 .unwrap_or_else(|| "(syntax)".into());
-            let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
             ConfigError {
                 file: file.to_string(),
                 field,
@@ -245,11 +246,19 @@ impl ServeConfig {
         let discovery = match &raw.target.discovery {
             None => None,
             Some(s) => Some(s.parse::<SocketAddr>().map_err(|e| {
-                err("target.discovery", format!("`{s}` is not an address: {e}"), "use IP:PORT, e.g. \"127.0.0.1:8009\"")
+                err(
+                    "target.discovery",
+                    format!("`{s}` is not an address: {e}"),
+                    "use IP:PORT, e.g. \"127.0.0.1:8009\"",
+                )
             })?),
         };
         if raw.target.reactors == Some(0) {
-            return Err(err("target.reactors", "0 reactors cannot serve anything".into(), "omit it (one per core) or set 1 or more"));
+            return Err(err(
+                "target.reactors",
+                "0 reactors cannot serve anything".into(),
+                "omit it (one per core) or set 1 or more",
+            ));
         }
 
         let mut listeners = Vec::new();
@@ -257,15 +266,27 @@ impl ServeConfig {
         for (i, l) in raw.listener.iter().enumerate() {
             let f = |x: &str| format!("listener[{i}].{x}");
             if !names.insert(l.name.clone()) {
-                return Err(err(&f("name"), format!("`{}` is used twice", l.name), "give every listener a unique name"));
+                return Err(err(
+                    &f("name"),
+                    format!("`{}` is used twice", l.name),
+                    "give every listener a unique name",
+                ));
             }
             let addr = l.addr.parse::<SocketAddr>().map_err(|e| {
-                err(&f("addr"), format!("`{}` is not an address: {e}", l.addr), "use IP:PORT, e.g. \"127.0.0.1:4420\"")
+                err(
+                    &f("addr"),
+                    format!("`{}` is not an address: {e}", l.addr),
+                    "use IP:PORT, e.g. \"127.0.0.1:4420\"",
+                )
             })?;
             let mut ana = BTreeMap::new();
             for (g, st) in &l.ana {
                 let grp: u32 = g.parse().ok().filter(|g| *g > 0).ok_or_else(|| {
-                    err(&f(&format!("ana.{g}")), format!("`{g}` is not an ANA group id"), "use a group number >= 1 as key, e.g. ana = { \"1\" = \"optimized\" }")
+                    err(
+                        &f(&format!("ana.{g}")),
+                        format!("`{g}` is not an ANA group id"),
+                        "use a group number >= 1 as key, e.g. ana = { \"1\" = \"optimized\" }",
+                    )
                 })?;
                 let state = strata_target::subsystem::AnaState::parse(st).ok_or_else(|| {
                     err(
@@ -287,7 +308,10 @@ impl ServeConfig {
         let mut nqns = HashSet::new();
         for (i, s) in raw.subsystem.iter().enumerate() {
             let f = |x: &str| format!("subsystem[{i}].{x}");
-            if !s.nqn.starts_with("nqn.") || s.nqn.len() > 223 || s.nqn == strata_target::spec::DISCOVERY_NQN {
+            if !s.nqn.starts_with("nqn.")
+                || s.nqn.len() > 223
+                || s.nqn == strata_target::spec::DISCOVERY_NQN
+            {
                 return Err(err(
                     &f("nqn"),
                     format!("`{}` is not a valid subsystem NQN", s.nqn),
@@ -295,79 +319,142 @@ impl ServeConfig {
                 ));
             }
             if !nqns.insert(s.nqn.clone()) {
-                return Err(err(&f("nqn"), format!("`{}` is used twice", s.nqn), "give every subsystem a unique NQN"));
+                return Err(err(
+                    &f("nqn"),
+                    format!("`{}` is used twice", s.nqn),
+                    "give every subsystem a unique NQN",
+                ));
             }
             for (j, h) in s.hosts.iter().enumerate() {
                 if !h.starts_with("nqn.") || h.len() > 223 {
-                    return Err(err(&f(&format!("hosts[{j}]")), format!("`{h}` is not a host NQN"), "use the host's NQN from /etc/nvme/hostnqn"));
+                    return Err(err(
+                        &f(&format!("hosts[{j}]")),
+                        format!("`{h}` is not a host NQN"),
+                        "use the host's NQN from /etc/nvme/hostnqn",
+                    ));
                 }
             }
             let allow_any_host = s.allow_any_host.unwrap_or(s.hosts.is_empty());
-            let listener_idx = match &s.listeners {
-                None => (0..listeners.len()).collect(),
-                Some(ls) => {
-                    let mut v = Vec::new();
-                    for (j, name) in ls.iter().enumerate() {
-                        let idx = listeners.iter().position(|l| &l.name == name).ok_or_else(|| {
-                            err(
-                                &f(&format!("listeners[{j}]")),
-                                format!("no listener is named `{name}`"),
-                                "name a [[listener]] defined in this file",
-                            )
-                        })?;
-                        v.push(idx);
+            let listener_idx =
+                match &s.listeners {
+                    None => (0..listeners.len()).collect(),
+                    Some(ls) => {
+                        let mut v = Vec::new();
+                        for (j, name) in ls.iter().enumerate() {
+                            let idx = listeners.iter().position(|l| &l.name == name).ok_or_else(
+                                || {
+                                    err(
+                                        &f(&format!("listeners[{j}]")),
+                                        format!("no listener is named `{name}`"),
+                                        "name a [[listener]] defined in this file",
+                                    )
+                                },
+                            )?;
+                            v.push(idx);
+                        }
+                        v
                     }
-                    v
-                }
-            };
+                };
             let mut namespaces = Vec::new();
             let mut nsids = HashSet::new();
             for (j, n) in s.namespace.iter().enumerate() {
                 let f = |x: &str| format!("subsystem[{i}].namespace[{j}].{x}");
                 if n.nsid == 0 || n.nsid >= 0xffff_fff0 {
-                    return Err(err(&f("nsid"), format!("{} is not a usable NSID", n.nsid), "use 1, 2, 3, …"));
+                    return Err(err(
+                        &f("nsid"),
+                        format!("{} is not a usable NSID", n.nsid),
+                        "use 1, 2, 3, …",
+                    ));
                 }
                 if n.nsid > 1024 {
-                    return Err(err(&f("nsid"), format!("{} exceeds the 1024 namespaces a subsystem holds", n.nsid), "use an NSID from 1 to 1024"));
+                    return Err(err(
+                        &f("nsid"),
+                        format!("{} exceeds the 1024 namespaces a subsystem holds", n.nsid),
+                        "use an NSID from 1 to 1024",
+                    ));
                 }
                 if !nsids.insert(n.nsid) {
-                    return Err(err(&f("nsid"), format!("NSID {} is used twice", n.nsid), "give every namespace a unique NSID"));
+                    return Err(err(
+                        &f("nsid"),
+                        format!("NSID {} is used twice", n.nsid),
+                        "give every namespace a unique NSID",
+                    ));
                 }
                 let block_size = n.block_size.unwrap_or(512);
                 if block_size != 512 && block_size != 4096 {
-                    return Err(err(&f("block_size"), format!("{block_size} is not supported"), "use 512 or 4096"));
+                    return Err(err(
+                        &f("block_size"),
+                        format!("{block_size} is not supported"),
+                        "use 512 or 4096",
+                    ));
                 }
                 let size = match &n.size {
                     None => None,
                     Some(sz) => {
-                        let v = parse_size(sz).ok_or_else(|| err(&f("size"), format!("`{sz}` is not a size"), "write it like \"1GiB\", \"512MiB\" or \"4096\""))?;
+                        let v = parse_size(sz).ok_or_else(|| {
+                            err(
+                                &f("size"),
+                                format!("`{sz}` is not a size"),
+                                "write it like \"1GiB\", \"512MiB\" or \"4096\"",
+                            )
+                        })?;
                         if v == 0 || v % u64::from(block_size) != 0 {
-                            return Err(err(&f("size"), format!("{v} bytes is not a positive multiple of the block size {block_size}"), "use a multiple of block_size"));
+                            return Err(err(
+                                &f("size"),
+                                format!(
+                                    "{v} bytes is not a positive multiple of the block size {block_size}"
+                                ),
+                                "use a multiple of block_size",
+                            ));
                         }
                         Some(v)
                     }
                 };
                 let backing = match n.kind.as_str() {
                     "ram" => BackingSpec::Ram {
-                        size: size.ok_or_else(|| err(&f("size"), "a RAM namespace needs a size".into(), "add size = \"1GiB\""))?,
+                        size: size.ok_or_else(|| {
+                            err(
+                                &f("size"),
+                                "a RAM namespace needs a size".into(),
+                                "add size = \"1GiB\"",
+                            )
+                        })?,
                     },
                     "file" => BackingSpec::File {
                         path: PathBuf::from(n.path.clone().ok_or_else(|| {
-                            err(&f("path"), "a file namespace needs a path".into(), "add path = \"/var/lib/strata/ns1.img\" (a file or block device)")
+                            err(
+                                &f("path"),
+                                "a file namespace needs a path".into(),
+                                "add path = \"/var/lib/strata/ns1.img\" (a file or block device)",
+                            )
                         })?),
                         size,
                     },
                     other => {
-                        return Err(err(&f("type"), format!("`{other}` is not a namespace type"), "use \"ram\" or \"file\""));
+                        return Err(err(
+                            &f("type"),
+                            format!("`{other}` is not a namespace type"),
+                            "use \"ram\" or \"file\"",
+                        ));
                     }
                 };
                 let uuid = match &n.uuid {
                     None => derived_uuid(&s.nqn, n.nsid),
-                    Some(u) => parse_uuid(u).ok_or_else(|| err(&f("uuid"), format!("`{u}` is not a UUID"), "use the 8-4-4-4-12 hex form or omit it"))?,
+                    Some(u) => parse_uuid(u).ok_or_else(|| {
+                        err(
+                            &f("uuid"),
+                            format!("`{u}` is not a UUID"),
+                            "use the 8-4-4-4-12 hex form or omit it",
+                        )
+                    })?,
                 };
                 let ana_group = n.ana_group.unwrap_or(1);
                 if ana_group == 0 || ana_group > 128 {
-                    return Err(err(&f("ana_group"), format!("{ana_group} is outside 1..=128"), "use an ANA group from 1 to 128"));
+                    return Err(err(
+                        &f("ana_group"),
+                        format!("{ana_group} is outside 1..=128"),
+                        "use an ANA group from 1 to 128",
+                    ));
                 }
                 namespaces.push(NamespaceSpec {
                     nsid: n.nsid,
@@ -390,7 +477,11 @@ impl ServeConfig {
         let mut addrs = HashSet::new();
         for (i, l) in listeners.iter().enumerate() {
             if !addrs.insert(l.addr) || Some(l.addr) == discovery {
-                return Err(err(&format!("listener[{i}].addr"), format!("{} is bound twice", l.addr), "give each listener (and target.discovery) its own address"));
+                return Err(err(
+                    &format!("listener[{i}].addr"),
+                    format!("{} is bound twice", l.addr),
+                    "give each listener (and target.discovery) its own address",
+                ));
             }
         }
         Ok(Self {
@@ -412,13 +503,20 @@ fn serial_for(nqn: &str) -> String {
 mod tests {
     use super::*;
 
+    const DEFAULT_NQN: &str = "nqn.2026-11.dev.strata:default";
+    const DEFAULT_LISTEN: &str = "127.0.0.1:4420";
+    const DEFAULT_DISCOVERY: &str = "127.0.0.1:8009";
+
     #[test]
     fn embedded_default_is_one_ram_namespace_on_4420() {
         let c = ServeConfig::embedded_default();
         assert_eq!(c.listeners[0].addr.to_string(), DEFAULT_LISTEN);
         assert_eq!(c.discovery.unwrap().to_string(), DEFAULT_DISCOVERY);
         assert_eq!(c.subsystems[0].nqn, DEFAULT_NQN);
-        assert_eq!(c.subsystems[0].namespaces[0].backing, BackingSpec::Ram { size: 1 << 30 });
+        assert_eq!(
+            c.subsystems[0].namespaces[0].backing,
+            BackingSpec::Ram { size: 1 << 30 }
+        );
         assert!(c.subsystems[0].allow_any_host);
     }
 
@@ -429,20 +527,30 @@ mod tests {
         assert_eq!(e.field, "listener[0].addr");
         assert!(e.to_string().contains("fix:"), "{e}");
 
-        let e = ServeConfig::parse("[[subsystem]]\nnqn='nqn.a:b'\n[[subsystem.namespace]]\nnsid=1\ntype='ram'\n", "y.toml").unwrap_err();
+        let e = ServeConfig::parse(
+            "[[subsystem]]\nnqn='nqn.a:b'\n[[subsystem.namespace]]\nnsid=1\ntype='ram'\n",
+            "y.toml",
+        )
+        .unwrap_err();
         assert_eq!(e.field, "subsystem[0].namespace[0].size");
 
         let e = ServeConfig::parse("[[subsystem]]\nnqn='nqn.a:b'\n[[subsystem.namespace]]\nnsid=1\ntype='disk'\nsize='1M'\n", "y.toml").unwrap_err();
         assert_eq!(e.field, "subsystem[0].namespace[0].type");
 
-        let e = ServeConfig::parse("[[subsystem]]\nnqn='nqn.a:b'\nbogus=1\n", "z.toml").unwrap_err();
+        let e =
+            ServeConfig::parse("[[subsystem]]\nnqn='nqn.a:b'\nbogus=1\n", "z.toml").unwrap_err();
         assert_eq!(e.field, "bogus");
         assert!(e.problem.contains("line 3"), "{}", e.problem);
 
-        let e = ServeConfig::parse("[[listener]]\nname='a'\naddr='127.0.0.1:1'\nana={'1'='sideways'}\n", "w.toml").unwrap_err();
+        let e = ServeConfig::parse(
+            "[[listener]]\nname='a'\naddr='127.0.0.1:1'\nana={'1'='sideways'}\n",
+            "w.toml",
+        )
+        .unwrap_err();
         assert_eq!(e.field, "listener[0].ana.1");
 
-        let e = ServeConfig::parse("[[subsystem]]\nnqn='nqn.a:b'\nlisteners=['x']\n", "v.toml").unwrap_err();
+        let e = ServeConfig::parse("[[subsystem]]\nnqn='nqn.a:b'\nlisteners=['x']\n", "v.toml")
+            .unwrap_err();
         assert_eq!(e.field, "subsystem[0].listeners[0]");
     }
 

@@ -9,7 +9,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "strata", version, about = "NVMe-over-TCP block storage with tiered offload to object storage")]
+#[command(
+    name = "strata",
+    version,
+    about = "NVMe-over-TCP block storage with tiered offload to object storage"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -36,7 +40,10 @@ enum Cmd {
 
 fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

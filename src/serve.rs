@@ -10,7 +10,9 @@ use anyhow::{Context as _, Result};
 use strata_target::bdev::Bdev;
 use strata_target::bdev::ram::RamBdev;
 use strata_target::bdev::uring::{UringBdev, UringOptions};
-use strata_target::subsystem::{NamespaceConfig, PortConfig, SubsystemConfig, Target, TargetConfig};
+use strata_target::subsystem::{
+    NamespaceConfig, PortConfig, SubsystemConfig, Target, TargetConfig,
+};
 use strata_target::transport::{Transport, TransportConfig};
 
 use crate::config::{BackingSpec, ServeConfig};
@@ -116,11 +118,13 @@ impl Running {
             let mut namespaces = Vec::new();
             for n in &s.namespaces {
                 let key = (s.nqn.clone(), n.nsid, n.backing.clone(), n.block_size);
-                let bdev = match self.bdevs.get(&key) {
-                    Some(b) => b.clone(),
-                    None => open_bdev(&s.nqn, n.nsid, &n.backing, n.block_size)
-                        .with_context(|| format!("{}: subsystem {} namespace {}", cfg.source, s.nqn, n.nsid))?,
-                };
+                let bdev =
+                    match self.bdevs.get(&key) {
+                        Some(b) => b.clone(),
+                        None => open_bdev(&s.nqn, n.nsid, &n.backing, n.block_size).with_context(
+                            || format!("{}: subsystem {} namespace {}", cfg.source, s.nqn, n.nsid),
+                        )?,
+                    };
                 keep.insert(key, bdev.clone());
                 let mut eui64 = [0u8; 8];
                 eui64.copy_from_slice(&n.uuid[8..]);
@@ -140,7 +144,11 @@ impl Running {
                 allow_any_host: s.allow_any_host,
                 hosts: s.hosts.clone(),
                 namespaces,
-                ports: s.listeners.iter().map(|&i| self.port_id(&cfg.listeners[i].name)).collect(),
+                ports: s
+                    .listeners
+                    .iter()
+                    .map(|&i| self.port_id(&cfg.listeners[i].name))
+                    .collect(),
             });
         }
         self.bdevs = keep;
@@ -164,7 +172,11 @@ fn open_bdev(nqn: &str, nsid: u32, b: &BackingSpec, block_size: u32) -> Result<A
     })
 }
 
-fn sync_listeners(transport: &mut Transport, running: &mut Running, want: &BTreeMap<u16, SocketAddr>) -> Result<()> {
+fn sync_listeners(
+    transport: &mut Transport,
+    running: &mut Running,
+    want: &BTreeMap<u16, SocketAddr>,
+) -> Result<()> {
     let stale: Vec<u16> = running
         .bound
         .iter()
@@ -179,9 +191,9 @@ fn sync_listeners(transport: &mut Transport, running: &mut Running, want: &BTree
         if running.bound.contains_key(&id) {
             continue;
         }
-        let local = transport
-            .add_listener(addr, id)
-            .with_context(|| format!("cannot listen on {addr}; fix: free the port or choose another address"))?;
+        let local = transport.add_listener(addr, id).with_context(|| {
+            format!("cannot listen on {addr}; fix: free the port or choose another address")
+        })?;
         running.bound.insert(id, local);
     }
     Ok(())
@@ -202,7 +214,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
     tracing::info!(reactors, config = %cfg.source, "strata serve started");
     print_connect_lines(&cfg, &running);
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         use tokio::signal::unix::{SignalKind, signal};
         let mut hup = signal(SignalKind::hangup())?;
@@ -238,9 +252,16 @@ fn print_connect_lines(cfg: &ServeConfig, running: &Running) {
     for s in &cfg.subsystems {
         for &i in &s.listeners {
             let l = &cfg.listeners[i];
-            let Some(id) = running.port_ids.get(&l.name) else { continue };
+            let Some(id) = running.port_ids.get(&l.name) else {
+                continue;
+            };
             let addr = running.bound.get(id).copied().unwrap_or(l.addr);
-            println!("nvme connect -t tcp -a {} -s {} -n {}", addr.ip(), addr.port(), s.nqn);
+            println!(
+                "nvme connect -t tcp -a {} -s {} -n {}",
+                addr.ip(),
+                addr.port(),
+                s.nqn
+            );
         }
     }
     if let Some(d) = running.bound.get(&DISCOVERY_PORT_ID) {

@@ -17,7 +17,10 @@ fn expect_term(c: &mut Client, fes: FatalErrorStatus) {
         Rsp::Term(t) => assert_eq!(t.fes, fes, "TermReq FES"),
         other => panic!("expected C2HTermReq {fes:?}, got {other:?}"),
     }
-    assert!(matches!(c.recv(), Rsp::Closed), "connection must close after C2HTermReq");
+    assert!(
+        matches!(c.recv(), Rsp::Closed),
+        "connection must close after C2HTermReq"
+    );
 }
 
 fn good_io_still_works(io: &mut Client, round: u64) {
@@ -25,7 +28,10 @@ fn good_io_still_works(io: &mut Client, round: u64) {
     assert!(io.write(round * 8, &data, 512).status.is_success());
     let (c, back) = io.read(round * 8, 8, 512);
     assert!(c.status.is_success());
-    assert_eq!(back, data, "healthy connection's data after bad input #{round}");
+    assert_eq!(
+        back, data,
+        "healthy connection's data after bad input #{round}"
+    );
 }
 
 #[test]
@@ -38,15 +44,23 @@ fn malformed_input_terminates_only_the_offending_connection() {
 
     type Case = (&'static str, FatalErrorStatus, fn(&mut Client));
     let cases: Vec<Case> = vec![
-        ("capsule before ICReq", FatalErrorStatus::PduSequenceError, |c| {
-            let mut b = Vec::new();
-            pdu::encode_capsule_cmd(&NvmeCmd::default(), 0, false, false, &mut b);
-            c.send_raw(&b);
-        }),
-        ("unknown PDU type", FatalErrorStatus::InvalidHeaderField, |c| {
-            c.icreq(false, false);
-            c.send_raw(&[0x0b, 0, 8, 0, 8, 0, 0, 0]);
-        }),
+        (
+            "capsule before ICReq",
+            FatalErrorStatus::PduSequenceError,
+            |c| {
+                let mut b = Vec::new();
+                pdu::encode_capsule_cmd(&NvmeCmd::default(), 0, false, false, &mut b);
+                c.send_raw(&b);
+            },
+        ),
+        (
+            "unknown PDU type",
+            FatalErrorStatus::InvalidHeaderField,
+            |c| {
+                c.icreq(false, false);
+                c.send_raw(&[0x0b, 0, 8, 0, 8, 0, 0, 0]);
+            },
+        ),
         ("wrong HLEN", FatalErrorStatus::InvalidHeaderField, |c| {
             c.icreq(false, false);
             let mut b = Vec::new();
@@ -54,20 +68,28 @@ fn malformed_input_terminates_only_the_offending_connection() {
             b[2] = 64;
             c.send_raw(&b);
         }),
-        ("PLEN shorter than the header", FatalErrorStatus::InvalidHeaderField, |c| {
-            c.icreq(false, false);
-            let mut b = Vec::new();
-            pdu::encode_capsule_cmd(&NvmeCmd::default(), 0, false, false, &mut b);
-            b[4..8].copy_from_slice(&16u32.to_le_bytes());
-            c.send_raw(&b);
-        }),
-        ("bad header digest", FatalErrorStatus::HeaderDigestError, |c| {
-            c.icreq(true, true);
-            let mut b = Vec::new();
-            pdu::encode_capsule_cmd(&NvmeCmd::default(), 0, true, true, &mut b);
-            b[75] ^= 0x5a;
-            c.send_raw(&b);
-        }),
+        (
+            "PLEN shorter than the header",
+            FatalErrorStatus::InvalidHeaderField,
+            |c| {
+                c.icreq(false, false);
+                let mut b = Vec::new();
+                pdu::encode_capsule_cmd(&NvmeCmd::default(), 0, false, false, &mut b);
+                b[4..8].copy_from_slice(&16u32.to_le_bytes());
+                c.send_raw(&b);
+            },
+        ),
+        (
+            "bad header digest",
+            FatalErrorStatus::HeaderDigestError,
+            |c| {
+                c.icreq(true, true);
+                let mut b = Vec::new();
+                pdu::encode_capsule_cmd(&NvmeCmd::default(), 0, true, true, &mut b);
+                b[75] ^= 0x5a;
+                c.send_raw(&b);
+            },
+        ),
         ("second ICReq", FatalErrorStatus::PduSequenceError, |c| {
             c.icreq(false, false);
             let mut b = Vec::new();
@@ -83,37 +105,45 @@ fn malformed_input_terminates_only_the_offending_connection() {
             );
             c.send_raw(&b);
         }),
-        ("in-capsule data beyond the limit", FatalErrorStatus::DataLimitExceeded, |c| {
-            c.icreq(false, false);
-            let data = vec![0u8; 16384];
-            let mut cmd = rw(spec::io_opc::WRITE, 0, 32, data.len() as u32);
-            cmd.set_sgl(SglDescriptor {
-                addr: 0,
-                len: data.len() as u32,
-                id: spec::SGL_ID_DATA_BLOCK_OFFSET,
-            });
-            c.capsule(cmd, &data);
-        }),
-        ("H2CData without an R2T", FatalErrorStatus::InvalidHeaderField, |c| {
-            c.icreq(false, false);
-            let (a, _) = (0, 0);
-            let _ = a;
-            let mut b = Vec::new();
-            pdu::encode_h2c_data(
-                &pdu::H2CData {
-                    cccid: 9,
-                    ttag: 3,
-                    datao: 0,
-                    datal: 512,
-                    last: true,
-                },
-                false,
-                false,
-                &mut b,
-            );
-            b.extend_from_slice(&[0; 512]);
-            c.send_raw(&b);
-        }),
+        (
+            "in-capsule data beyond the limit",
+            FatalErrorStatus::DataLimitExceeded,
+            |c| {
+                c.icreq(false, false);
+                let data = vec![0u8; 16384];
+                let mut cmd = rw(spec::io_opc::WRITE, 0, 32, data.len() as u32);
+                cmd.set_sgl(SglDescriptor {
+                    addr: 0,
+                    len: data.len() as u32,
+                    id: spec::SGL_ID_DATA_BLOCK_OFFSET,
+                });
+                c.capsule(cmd, &data);
+            },
+        ),
+        (
+            "H2CData without an R2T",
+            FatalErrorStatus::InvalidHeaderField,
+            |c| {
+                c.icreq(false, false);
+                let (a, _) = (0, 0);
+                let _ = a;
+                let mut b = Vec::new();
+                pdu::encode_h2c_data(
+                    &pdu::H2CData {
+                        cccid: 9,
+                        ttag: 3,
+                        datao: 0,
+                        datal: 512,
+                        last: true,
+                    },
+                    false,
+                    false,
+                    &mut b,
+                );
+                b.extend_from_slice(&[0; 512]);
+                c.send_raw(&b);
+            },
+        ),
     ];
     for (i, (name, fes, send)) in cases.into_iter().enumerate() {
         let mut bad = Client::connect_tcp(srv.port);
@@ -135,7 +165,10 @@ fn malformed_input_terminates_only_the_offending_connection() {
     let mut q = Client::connect_tcp(srv.port);
     q.icreq(false, false);
     let c = q.connect(9, cntlid, DEFAULT_NQN, HOST);
-    assert!(!c.status.is_success(), "qid 9 of 3 granted must be refused: {c:?}");
+    assert!(
+        !c.status.is_success(),
+        "qid 9 of 3 granted must be refused: {c:?}"
+    );
     // Connect with an NQN that is not ours.
     let mut q = Client::connect_tcp(srv.port);
     q.icreq(false, false);
@@ -176,7 +209,12 @@ size = "16MiB"
     let srv = Server::start(Some(&cfg), dir.path());
     let mut c = Client::connect_tcp(srv.port);
     c.icreq(false, false);
-    let r = c.connect(0, 0xffff, "nqn.2026-11.dev.strata:acl", "nqn.2014-08.org.nvmexpress:uuid:intruder");
+    let r = c.connect(
+        0,
+        0xffff,
+        "nqn.2026-11.dev.strata:acl",
+        "nqn.2014-08.org.nvmexpress:uuid:intruder",
+    );
     assert_eq!(r.status.sct, Status::CONNECT_INVALID_HOST.sct);
     assert_eq!(r.status.sc, Status::CONNECT_INVALID_HOST.sc);
     assert!(r.status.dnr, "the host must not retry");
@@ -194,7 +232,10 @@ fn identify_active_ns(a: &mut Client) -> Vec<u32> {
     });
     let (cpl, d) = a.exec(c, &[]);
     assert!(cpl.status.is_success());
-    d.chunks_exact(4).map(|x| u32::from_le_bytes(x.try_into().unwrap())).take_while(|&n| n != 0).collect()
+    d.chunks_exact(4)
+        .map(|x| u32::from_le_bytes(x.try_into().unwrap()))
+        .take_while(|&n| n != 0)
+        .collect()
 }
 
 #[test]
@@ -228,13 +269,22 @@ size = "16MiB"
     std::fs::write(&cfg, "[[subsystem]]\nnqn = 'bogus'\n").unwrap();
     srv.signal(libc::SIGHUP);
     std::thread::sleep(Duration::from_millis(300));
-    assert!(srv.log_text().contains("reload refused"), "{}", srv.log_text());
+    assert!(
+        srv.log_text().contains("reload refused"),
+        "{}",
+        srv.log_text()
+    );
     let (c, back) = io.read(0, 8, 512);
-    assert!(c.status.is_success() && back == data, "RAM namespace kept its data");
+    assert!(
+        c.status.is_success() && back == data,
+        "RAM namespace kept its data"
+    );
 
     // Add namespace 2 and make the listener's group 1 inaccessible.
-    let next = base.replace("addr = \"127.0.0.1:1\"", "addr = \"127.0.0.1:1\"\nana = { \"1\" = \"inaccessible\" }")
-        + "[[subsystem.namespace]]\nnsid = 2\ntype = \"ram\"\nsize = \"8MiB\"\nana_group = 2\n";
+    let next = base.replace(
+        "addr = \"127.0.0.1:1\"",
+        "addr = \"127.0.0.1:1\"\nana = { \"1\" = \"inaccessible\" }",
+    ) + "[[subsystem.namespace]]\nnsid = 2\ntype = \"ram\"\nsize = \"8MiB\"\nana_group = 2\n";
     std::fs::write(&cfg, next).unwrap();
     srv.signal(libc::SIGHUP);
     match a.recv() {
@@ -263,7 +313,10 @@ size = "16MiB"
 #[test]
 fn config_errors_name_file_field_and_fix() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), "[[subsystem]]\nnqn = \"nqn.2026-11.x:y\"\n[[subsystem.namespace]]\nnsid = 1\ntype = \"ram\"\nsize = \"lots\"\n");
+    let cfg = write_config(
+        dir.path(),
+        "[[subsystem]]\nnqn = \"nqn.2026-11.x:y\"\n[[subsystem.namespace]]\nnsid = 1\ntype = \"ram\"\nsize = \"lots\"\n",
+    );
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
         .args(["serve", "--config"])
         .arg(&cfg)
@@ -294,7 +347,11 @@ fn flushed_writes_to_a_file_namespace_survive_kill9() {
         let (_a, cntlid) = Client::admin(srv.port, nqn, HOST);
         let mut io = Client::io(srv.port, nqn, HOST, cntlid, 1);
         for i in 0..32u64 {
-            let len = if i % 4 == 0 { 1 << 20 } else { 4096 * (1 + i as usize % 3) };
+            let len = if i % 4 == 0 {
+                1 << 20
+            } else {
+                4096 * (1 + i as usize % 3)
+            };
             let d = pattern(len, 100 + i);
             let slba = i * 256;
             assert!(io.write(slba, &d, 4096).status.is_success());
@@ -330,7 +387,10 @@ fn sigterm_shuts_down_cleanly_with_connections_open() {
             assert!(st.success(), "exit status {st:?}");
             break;
         }
-        assert!(Instant::now() < deadline, "strata serve did not exit on SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "strata serve did not exit on SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(matches!(io.recv(), Rsp::Closed));

@@ -22,8 +22,8 @@ use crate::bdev::{BdevChannel, BdevCompletion, BdevIo, BufPool, IoBuf, IoError, 
 use crate::ctrlr::{self, AdminResult, Connected, Ctrlr, IoView};
 use crate::pdu::{self, DecodeConfig, FatalErrorStatus, PduError, PduHeader, PduType, Role};
 use crate::spec::{
-    NvmeCmd, NvmeCpl, SGL_ID_DATA_BLOCK_OFFSET, SGL_ID_TRANSPORT_DATA_BLOCK, Status,
-    admin_opc, fctype, io_opc,
+    NvmeCmd, NvmeCpl, SGL_ID_DATA_BLOCK_OFFSET, SGL_ID_TRANSPORT_DATA_BLOCK, Status, admin_opc,
+    fctype, io_opc,
 };
 use crate::subsystem::{AnaState, Target};
 
@@ -359,7 +359,11 @@ impl QueuePair {
                 }
                 match dest {
                     DataDest::Slot { slot, off } => {
-                        if let Some(b) = self.slots.get_mut(*slot as usize).and_then(|s| s.buf.as_mut()) {
+                        if let Some(b) = self
+                            .slots
+                            .get_mut(*slot as usize)
+                            .and_then(|s| s.buf.as_mut())
+                        {
                             let o = *off as usize;
                             b[o..o + n].copy_from_slice(chunk);
                         }
@@ -407,7 +411,14 @@ impl QueuePair {
         }
     }
 
-    fn start_payload(&mut self, skip: usize, len: usize, ddgst: bool, dest: DataDest, then: AfterData) {
+    fn start_payload(
+        &mut self,
+        skip: usize,
+        len: usize,
+        ddgst: bool,
+        dest: DataDest,
+        then: AfterData,
+    ) {
         if len == 0 {
             self.rx = Rx::Header;
             self.after_data(then, true);
@@ -423,7 +434,14 @@ impl QueuePair {
         };
     }
 
-    fn on_header(&mut self, hdr: PduHeader, skip: usize, data_len: usize, has_ddgst: bool, now_ms: u64) {
+    fn on_header(
+        &mut self,
+        hdr: PduHeader,
+        skip: usize,
+        data_len: usize,
+        has_ddgst: bool,
+        now_ms: u64,
+    ) {
         match hdr {
             PduHeader::ICReq(req) => self.on_icreq(req),
             PduHeader::CapsuleCmd(cmd) => self.on_capsule(cmd, skip, data_len, has_ddgst, now_ms),
@@ -521,9 +539,20 @@ impl QueuePair {
     // ------------------------------------------------------------------
     // Capsules.
 
-    fn on_capsule(&mut self, cmd: NvmeCmd, skip: usize, data_len: usize, has_ddgst: bool, now_ms: u64) {
+    fn on_capsule(
+        &mut self,
+        cmd: NvmeCmd,
+        skip: usize,
+        data_len: usize,
+        has_ddgst: bool,
+        now_ms: u64,
+    ) {
         self.stats.commands += 1;
-        self.sqhd = if self.sqsize == 0 { 0 } else { (self.sqhd + 1) % (self.sqsize + 1) };
+        self.sqhd = if self.sqsize == 0 {
+            0
+        } else {
+            (self.sqhd + 1) % (self.sqsize + 1)
+        };
         // The codec bounds every payload by the larger of the two limits;
         // capsules have the smaller one.
         if data_len > self.limits.in_capsule_data as usize {
@@ -539,16 +568,30 @@ impl QueuePair {
         // In-capsule data must be described by an offset data block SGL of
         // exactly that length; anything else is a malformed command whose
         // data we still consume so the stream stays in sync.
-        if data_len > 0 && (sgl.id != SGL_ID_DATA_BLOCK_OFFSET || sgl.len as usize != data_len || sgl.addr != 0) {
+        if data_len > 0
+            && (sgl.id != SGL_ID_DATA_BLOCK_OFFSET || sgl.len as usize != data_len || sgl.addr != 0)
+        {
             self.complete_err(&cmd, Status::INVALID_SGL_DESCRIPTOR.dnr());
-            return self.start_payload(skip, data_len, has_ddgst, DataDest::Discard, AfterData::Nothing);
+            return self.start_payload(
+                skip,
+                data_len,
+                has_ddgst,
+                DataDest::Discard,
+                AfterData::Nothing,
+            );
         }
         match &self.role {
             Role2::AwaitIcReq => unreachable_state(),
             Role2::AwaitConnect => {
                 if cmd.opcode() != admin_opc::FABRICS || cmd.fctype() != fctype::CONNECT {
                     self.complete_err(&cmd, Status::COMMAND_SEQUENCE_ERROR.dnr());
-                    return self.start_payload(skip, data_len, has_ddgst, DataDest::Discard, AfterData::Nothing);
+                    return self.start_payload(
+                        skip,
+                        data_len,
+                        has_ddgst,
+                        DataDest::Discard,
+                        AfterData::Nothing,
+                    );
                 }
                 if data_len == 0 {
                     // Connect data always fits in-capsule; a host that asks
@@ -559,13 +602,25 @@ impl QueuePair {
                 self.small_data.clear();
                 self.pending_capsule = Some(cmd);
                 let _ = now_ms;
-                self.start_payload(skip, data_len, has_ddgst, DataDest::Small, AfterData::Capsule)
+                self.start_payload(
+                    skip,
+                    data_len,
+                    has_ddgst,
+                    DataDest::Small,
+                    AfterData::Capsule,
+                )
             }
             Role2::Admin { .. } => {
                 if data_len > 0 {
                     self.small_data.clear();
                     self.pending_capsule = Some(cmd);
-                    return self.start_payload(skip, data_len, has_ddgst, DataDest::Small, AfterData::Capsule);
+                    return self.start_payload(
+                        skip,
+                        data_len,
+                        has_ddgst,
+                        DataDest::Small,
+                        AfterData::Capsule,
+                    );
                 }
                 if dir_h2c(cmd.opcode()) && sgl.len > 0 && !is_fabrics_without_data(&cmd) {
                     // Admin commands with host data larger than in-capsule
@@ -583,7 +638,9 @@ impl QueuePair {
         match then {
             AfterData::Nothing => {}
             AfterData::Capsule => {
-                let Some(cmd) = self.pending_capsule.take() else { return };
+                let Some(cmd) = self.pending_capsule.take() else {
+                    return;
+                };
                 let slot = self.pending_capsule_slot.take();
                 if !digest_ok {
                     // SPDK's answer, and what the host retries: the command
@@ -632,7 +689,13 @@ impl QueuePair {
                 self.free_slots = (0..depth as u32).rev().collect();
                 self.role = match connected {
                     Connected::Admin { ctrlr } => {
-                        tracing::info!(cntlid = ctrlr.cntlid(), subnqn = ctrlr.subnqn(), hostnqn = ctrlr.hostnqn(), port = self.port_id, "admin queue connected");
+                        tracing::info!(
+                            cntlid = ctrlr.cntlid(),
+                            subnqn = ctrlr.subnqn(),
+                            hostnqn = ctrlr.hostnqn(),
+                            port = self.port_id,
+                            "admin queue connected"
+                        );
                         Role2::Admin { ctrlr }
                     }
                     Connected::Io { ctrlr, qid, .. } => {
@@ -654,7 +717,9 @@ impl QueuePair {
     }
 
     fn exec_admin(&mut self, cmd: &NvmeCmd, data: &[u8], now_ms: u64) {
-        let Role2::Admin { ctrlr } = &self.role else { return };
+        let Role2::Admin { ctrlr } = &self.role else {
+            return;
+        };
         let ctrlr = ctrlr.clone();
         match ctrlr.exec_admin(cmd, data, now_ms) {
             AdminResult::Complete { mut cpl, data } => {
@@ -667,7 +732,8 @@ impl QueuePair {
                         self.send_c2h_owned(cmd.cid(), data);
                     }
                 }
-                let disconnect = cmd.opcode() == admin_opc::FABRICS && cmd.fctype() == fctype::DISCONNECT;
+                let disconnect =
+                    cmd.opcode() == admin_opc::FABRICS && cmd.fctype() == fctype::DISCONNECT;
                 self.send_cpl(cpl);
                 if disconnect {
                     self.close = Some(CloseReason::Disconnected("Disconnect command"));
@@ -682,7 +748,9 @@ impl QueuePair {
     // I/O commands.
 
     fn refresh_view(&mut self) {
-        let Role2::Io { ctrlr, view, .. } = &mut self.role else { return };
+        let Role2::Io { ctrlr, view, .. } = &mut self.role else {
+            return;
+        };
         if view.generation == self.target.generation() {
             return;
         }
@@ -698,12 +766,17 @@ impl QueuePair {
                 _ => ch.retired = true,
             }
         }
-        self.channels.retain(|c| !c.retired || c.chan.in_flight() > 0);
+        self.channels
+            .retain(|c| !c.retired || c.chan.in_flight() > 0);
     }
 
     /// Finds (opening on first use) this queue's channel for `nsid`.
     fn channel_for(&mut self, nsid: u32) -> Result<usize, Status> {
-        if let Some(i) = self.channels.iter().position(|c| c.nsid == nsid && !c.retired) {
+        if let Some(i) = self
+            .channels
+            .iter()
+            .position(|c| c.nsid == nsid && !c.retired)
+        {
             return Ok(i);
         }
         let Role2::Io { view, .. } = &self.role else {
@@ -764,7 +837,13 @@ impl QueuePair {
         match self.check_io(&cmd, data_len) {
             Err(st) => {
                 self.complete_err(&cmd, st);
-                self.start_payload(skip, data_len, has_ddgst, DataDest::Discard, AfterData::Nothing)
+                self.start_payload(
+                    skip,
+                    data_len,
+                    has_ddgst,
+                    DataDest::Discard,
+                    AfterData::Nothing,
+                )
             }
             Ok(IoPlan::Dsm) => {
                 if data_len == 0 {
@@ -772,7 +851,13 @@ impl QueuePair {
                 }
                 self.small_data.clear();
                 self.pending_capsule = Some(cmd);
-                self.start_payload(skip, data_len, has_ddgst, DataDest::Small, AfterData::Capsule)
+                self.start_payload(
+                    skip,
+                    data_len,
+                    has_ddgst,
+                    DataDest::Small,
+                    AfterData::Capsule,
+                )
             }
             Ok(IoPlan::Disconnect) => {
                 self.send_cpl(NvmeCpl::success(cmd.cid()));
@@ -790,7 +875,11 @@ impl QueuePair {
                     );
                     return;
                 };
-                let buf = if xfer > 0 { Some(self.pool.get(xfer as usize)) } else { None };
+                let buf = if xfer > 0 {
+                    Some(self.pool.get(xfer as usize))
+                } else {
+                    None
+                };
                 let s = &mut self.slots[slot as usize];
                 s.chan = chan;
                 s.buf = buf;
@@ -801,7 +890,13 @@ impl QueuePair {
                         s.received = data_len as u32;
                         self.pending_capsule = Some(cmd);
                         self.pending_capsule_slot = Some(slot);
-                        self.start_payload(skip, data_len, has_ddgst, DataDest::Slot { slot, off: 0 }, AfterData::Capsule)
+                        self.start_payload(
+                            skip,
+                            data_len,
+                            has_ddgst,
+                            DataDest::Slot { slot, off: 0 },
+                            AfterData::Capsule,
+                        )
                     } else {
                         s.state = SlotState::AwaitingH2C;
                         self.send_r2t(cmd.cid(), slot as u16, xfer);
@@ -822,7 +917,14 @@ impl QueuePair {
                 _ => Err(Status::INVALID_OPCODE.dnr()),
             };
         }
-        if !matches!(opc, io_opc::READ | io_opc::WRITE | io_opc::FLUSH | io_opc::WRITE_ZEROES | io_opc::DATASET_MANAGEMENT) {
+        if !matches!(
+            opc,
+            io_opc::READ
+                | io_opc::WRITE
+                | io_opc::FLUSH
+                | io_opc::WRITE_ZEROES
+                | io_opc::DATASET_MANAGEMENT
+        ) {
             return Err(Status::INVALID_OPCODE.dnr());
         }
         if let Role2::Io { ctrlr, .. } = &self.role
@@ -869,7 +971,10 @@ impl QueuePair {
                 } else if sgl.id != SGL_ID_TRANSPORT_DATA_BLOCK {
                     return Err(Status::SGL_DESCRIPTOR_TYPE_INVALID.dnr());
                 }
-                Ok(IoPlan::Bdev { chan, xfer: xfer as u32 })
+                Ok(IoPlan::Bdev {
+                    chan,
+                    xfer: xfer as u32,
+                })
             }
         }
     }
@@ -891,7 +996,10 @@ impl QueuePair {
         }
         let s = &self.slots[idx as usize];
         // Data must arrive in order and inside what the R2T asked for.
-        if h.datao != s.received || u64::from(h.datao) + u64::from(h.datal) > u64::from(s.xfer_len) || h.datal as usize != data_len {
+        if h.datao != s.received
+            || u64::from(h.datao) + u64::from(h.datal) > u64::from(s.xfer_len)
+            || h.datal as usize != data_len
+        {
             return self.fatal(
                 PduError {
                     fes: FatalErrorStatus::DataOutOfRange,
@@ -915,7 +1023,16 @@ impl QueuePair {
         if last {
             self.slots[idx as usize].state = SlotState::InCapsuleData;
         }
-        self.start_payload(skip, data_len, has_ddgst, DataDest::Slot { slot: idx, off: h.datao }, AfterData::H2C { slot: idx, last })
+        self.start_payload(
+            skip,
+            data_len,
+            has_ddgst,
+            DataDest::Slot {
+                slot: idx,
+                off: h.datao,
+            },
+            AfterData::H2C { slot: idx, last },
+        )
     }
 
     fn submit_io(&mut self, slot: u32) {
@@ -929,7 +1046,11 @@ impl QueuePair {
             io_opc::WRITE_ZEROES => {
                 // DEAC (CDW12 bit 25) lets us deallocate, which reads back as
                 // zeros on every bdev we have.
-                if cmd.cdw12() & (1 << 25) != 0 { IoOp::Deallocate } else { IoOp::WriteZeroes }
+                if cmd.cdw12() & (1 << 25) != 0 {
+                    IoOp::Deallocate
+                } else {
+                    IoOp::WriteZeroes
+                }
             }
             _ => IoOp::Flush,
         };
@@ -1020,7 +1141,8 @@ impl QueuePair {
             self.on_bdev_completion(comp);
         }
         self.completions = done;
-        self.channels.retain(|c| !c.retired || c.chan.in_flight() > 0);
+        self.channels
+            .retain(|c| !c.retired || c.chan.in_flight() > 0);
         if let Role2::Admin { ctrlr } = &self.role {
             let events = ctrlr.take_events();
             if !events.is_empty() {
@@ -1073,7 +1195,11 @@ impl QueuePair {
         match &self.role {
             Role2::Admin { ctrlr } => {
                 if ctrlr.kato_expired(now_ms) {
-                    tracing::warn!(cntlid = ctrlr.cntlid(), hostnqn = ctrlr.hostnqn(), "keep-alive timeout: destroying controller");
+                    tracing::warn!(
+                        cntlid = ctrlr.cntlid(),
+                        hostnqn = ctrlr.hostnqn(),
+                        "keep-alive timeout: destroying controller"
+                    );
                     ctrlr.destroy();
                     self.close = Some(CloseReason::Disconnected("keep-alive timeout"));
                     self.stop_rx = true;
@@ -1097,8 +1223,11 @@ impl QueuePair {
     /// The connection went away: a dynamic controller lives exactly as long
     /// as its admin queue.
     pub fn on_disconnect(&mut self) {
-        if let Role2::Admin { ctrlr } = &self.role {
-            ctrlr.destroy();
+        match &self.role {
+            Role2::Admin { ctrlr } => ctrlr.destroy(),
+            // Frees the QID so the host can reconnect it after a transport error.
+            Role2::Io { ctrlr, qid, .. } => ctrlr.release_io_queue(*qid),
+            _ => {}
         }
     }
 
@@ -1125,7 +1254,9 @@ impl QueuePair {
         cpl.sqhd = self.sqhd;
         cpl.sqid = self.qid().unwrap_or(0);
         let mut v = [0u8; 128];
-        let n = encode_into(&mut v, |out| pdu::encode_capsule_resp(&cpl, self.hdgst, out));
+        let n = encode_into(&mut v, |out| {
+            pdu::encode_capsule_resp(&cpl, self.hdgst, out)
+        });
         self.push_inline(&v[..n]);
     }
 
@@ -1156,7 +1287,9 @@ impl QueuePair {
             success: self.sqflow_disabled,
         };
         let mut v = [0u8; 128];
-        let n = encode_into(&mut v, |out| pdu::encode_c2h_data(&h, self.hdgst, self.ddgst, out));
+        let n = encode_into(&mut v, |out| {
+            pdu::encode_c2h_data(&h, self.hdgst, self.ddgst, out)
+        });
         (v, n)
     }
 
@@ -1164,7 +1297,11 @@ impl QueuePair {
         let (h, n) = self.c2h_header(cccid, len);
         self.push_inline(&h[..n]);
         let crc = self.ddgst.then(|| pdu::crc32c(&buf[..len as usize]));
-        self.tx.push_back(TxSeg::Data { buf, pos: 0, end: len });
+        self.tx.push_back(TxSeg::Data {
+            buf,
+            pos: 0,
+            end: len,
+        });
         if let Some(crc) = crc {
             self.push_inline(&crc.to_le_bytes());
             self.stats.pdus_out -= 1;
@@ -1200,7 +1337,9 @@ impl QueuePair {
     /// Records that the first `n` bytes of the transmit queue were written.
     pub fn tx_advance(&mut self, mut n: usize) {
         while n > 0 {
-            let Some(seg) = self.tx.front_mut() else { return };
+            let Some(seg) = self.tx.front_mut() else {
+                return;
+            };
             let rem = seg.remaining().len();
             if n < rem {
                 match seg {
@@ -1242,7 +1381,11 @@ enum IoPlan {
 }
 
 fn is_fabrics_without_data(cmd: &NvmeCmd) -> bool {
-    cmd.opcode() == admin_opc::FABRICS && matches!(cmd.fctype(), fctype::PROPERTY_SET | fctype::PROPERTY_GET | fctype::DISCONNECT)
+    cmd.opcode() == admin_opc::FABRICS
+        && matches!(
+            cmd.fctype(),
+            fctype::PROPERTY_SET | fctype::PROPERTY_GET | fctype::DISCONNECT
+        )
 }
 
 fn io_error_status(e: IoError, opcode: u8) -> Status {

@@ -79,7 +79,11 @@ impl Host {
             let used = self.qp.handle_input(&pending, self.now);
             pending.drain(..used);
         }
-        assert!(pending.is_empty() || self.qp.close_reason().is_some(), "queue left {} bytes unconsumed", pending.len());
+        assert!(
+            pending.is_empty() || self.qp.close_reason().is_some(),
+            "queue left {} bytes unconsumed",
+            pending.len()
+        );
         self.pump()
     }
 
@@ -109,11 +113,17 @@ impl Host {
             if b[0] == PduType::ICResp as u8 {
                 c = DecodeConfig::initial(Role::Host);
             }
-            let p: Parsed = pdu::parse_header(b, &c).expect("target sent a valid PDU").expect("complete PDU");
+            let p: Parsed = pdu::parse_header(b, &c)
+                .expect("target sent a valid PDU")
+                .expect("complete PDU");
             let data = b[p.data_offset..p.data_offset + p.data_len].to_vec();
             if p.has_ddgst {
                 let d = &b[p.data_offset + p.data_len..p.data_offset + p.data_len + 4];
-                assert_eq!(u32::from_le_bytes(d.try_into().unwrap()), pdu::crc32c(&data), "data digest");
+                assert_eq!(
+                    u32::from_le_bytes(d.try_into().unwrap()),
+                    pdu::crc32c(&data),
+                    "data digest"
+                );
             }
             v.push(match p.header {
                 PduHeader::ICResp(r) => Rsp::IcResp(r),
@@ -139,7 +149,9 @@ impl Host {
         let mut b = Vec::new();
         pdu::encode_icreq(&req, &mut b);
         let r = self.send(&b);
-        let [Rsp::IcResp(resp)] = &r[..] else { panic!("{r:?}") };
+        let [Rsp::IcResp(resp)] = &r[..] else {
+            panic!("{r:?}")
+        };
         pdu::validate_icresp(&req, resp).expect("ICResp passes the Linux host's checks");
         self.hdgst = hdgst;
         self.ddgst = ddgst;
@@ -216,7 +228,11 @@ fn io_cmd(opc: u8, slba: u64, nlb: u32, host_data: bool) -> NvmeCmd {
     c.set_sgl(SglDescriptor {
         addr: 0,
         len,
-        id: if host_data { SGL_ID_TRANSPORT_DATA_BLOCK } else { SGL_ID_DATA_BLOCK_OFFSET },
+        id: if host_data {
+            SGL_ID_TRANSPORT_DATA_BLOCK
+        } else {
+            SGL_ID_DATA_BLOCK_OFFSET
+        },
     });
     c
 }
@@ -228,7 +244,12 @@ fn bring_up(target: &Arc<Target>, digests: bool) -> (Host, Host) {
     let c = admin.connect(0, 0xffff, NQN, HOST);
     assert!(c.status.is_success(), "{c:?}");
     let cntlid = c.dw0 as u16;
-    assert!(admin.prop_set(prop::CC, 1 | (6 << 16) | (4 << 20)).status.is_success());
+    assert!(
+        admin
+            .prop_set(prop::CC, 1 | (6 << 16) | (4 << 20))
+            .status
+            .is_success()
+    );
     assert!(admin.set_queues(2).status.is_success());
     let mut io = Host::new(target);
     io.icreq(digests, digests);
@@ -244,7 +265,9 @@ fn write(io: &mut Host, slba: u64, data: &[u8]) -> NvmeCpl {
         return io.cpl(io_cmd(io_opc::WRITE, slba, nlb, false), data);
     }
     let r = io.capsule(io_cmd(io_opc::WRITE, slba, nlb, true), &[]);
-    let [Rsp::R2T(r2t)] = &r[..] else { panic!("expected R2T: {r:?}") };
+    let [Rsp::R2T(r2t)] = &r[..] else {
+        panic!("expected R2T: {r:?}")
+    };
     assert_eq!(r2t.r2tl as usize, data.len());
     let mut off = 0;
     let mut out = Vec::new();
@@ -289,7 +312,9 @@ fn read(io: &mut Host, slba: u64, nlb: u32) -> (NvmeCpl, Vec<u8>) {
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 #[test]
@@ -314,7 +339,11 @@ fn read_write_in_capsule_and_r2t_with_and_without_digests() {
         f.set_opcode(io_opc::FLUSH);
         f.set_nsid(1);
         assert!(io.cpl(f, &[]).status.is_success());
-        assert!(io.cpl(io_cmd(io_opc::WRITE_ZEROES, 8, 4, false), &[]).status.is_success());
+        assert!(
+            io.cpl(io_cmd(io_opc::WRITE_ZEROES, 8, 4, false), &[])
+                .status
+                .is_success()
+        );
         let (_, d) = read(&mut io, 8, 8);
         assert!(d[..2048].iter().all(|&b| b == 0));
         assert_eq!(&d[2048..], &small[2048..]);
@@ -333,7 +362,10 @@ fn read_write_in_capsule_and_r2t_with_and_without_digests() {
         });
         assert!(io.cpl(dsm, &range).status.is_success());
         let (_, d) = read(&mut io, 4096, 2048);
-        assert!(d.iter().all(|&b| b == 0), "deallocated blocks read as zeros");
+        assert!(
+            d.iter().all(|&b| b == 0),
+            "deallocated blocks read as zeros"
+        );
         assert!(io.qp.close_reason().is_none());
     }
 }
@@ -367,7 +399,9 @@ fn data_digest_error_fails_the_command_not_the_connection() {
     b.extend_from_slice(&data);
     pdu::encode_ddgst(pdu::crc32c(&data) ^ 1, &mut b);
     let r = io.send(&b);
-    let [Rsp::Cpl(c)] = &r[..] else { panic!("{r:?}") };
+    let [Rsp::Cpl(c)] = &r[..] else {
+        panic!("{r:?}")
+    };
     assert_eq!(c.status, Status::TRANSIENT_TRANSPORT_ERROR);
     assert_eq!(c.cid, 77);
     assert!(io.qp.close_reason().is_none());
@@ -436,7 +470,10 @@ fn malformed_pdus_end_the_connection_with_termreq() {
     // In-capsule data beyond the in-capsule limit.
     let (_a, mut io) = bring_up(&t, false);
     let big = vec![0u8; ctrlr::IN_CAPSULE_DATA_SIZE as usize + 512];
-    let r = io.capsule(io_cmd(io_opc::WRITE, 0, (big.len() / 512) as u32, false), &big);
+    let r = io.capsule(
+        io_cmd(io_opc::WRITE, 0, (big.len() / 512) as u32, false),
+        &big,
+    );
     expect_term(&r, FatalErrorStatus::DataLimitExceeded);
 }
 
@@ -445,7 +482,9 @@ fn r2t_data_beyond_the_transfer_is_out_of_range() {
     let t = target_with(AnaState::Optimized);
     let (_a, mut io) = bring_up(&t, false);
     let r = io.capsule(io_cmd(io_opc::WRITE, 0, 64, true), &[]);
-    let [Rsp::R2T(r2t)] = &r[..] else { panic!("{r:?}") };
+    let [Rsp::R2T(r2t)] = &r[..] else {
+        panic!("{r:?}")
+    };
     let mut b = Vec::new();
     let h = pdu::H2CData {
         cccid: r2t.cccid,
@@ -468,7 +507,9 @@ fn io_errors_return_the_specified_status() {
     assert_eq!(c.status, Status::LBA_OUT_OF_RANGE.dnr());
     // Beyond MDTS (2 MiB read).
     let c = io.capsule(io_cmd(io_opc::READ, 0, 4096, true), &[]);
-    let Some(Rsp::Cpl(c)) = c.last() else { panic!() };
+    let Some(Rsp::Cpl(c)) = c.last() else {
+        panic!()
+    };
     assert_eq!(c.status, Status::INVALID_FIELD.dnr());
     // Unknown namespace.
     let mut cmd = io_cmd(io_opc::READ, 0, 8, true);
@@ -481,16 +522,28 @@ fn io_errors_return_the_specified_status() {
         len: 512,
         id: SGL_ID_TRANSPORT_DATA_BLOCK,
     });
-    assert_eq!(io.cpl(cmd, &[]).status, Status::DATA_SGL_LENGTH_INVALID.dnr());
+    assert_eq!(
+        io.cpl(cmd, &[]).status,
+        Status::DATA_SGL_LENGTH_INVALID.dnr()
+    );
     // An admin command on an I/O queue.
     let mut cmd = NvmeCmd::default();
     cmd.set_opcode(admin_opc::IDENTIFY);
     assert_eq!(io.cpl(cmd, &[]).status, Status::INVALID_OPCODE.dnr());
     // A second Connect on an established queue.
-    assert_eq!(io.connect(1, 1, NQN, HOST).status, Status::COMMAND_SEQUENCE_ERROR.dnr());
+    assert_eq!(
+        io.connect(1, 1, NQN, HOST).status,
+        Status::COMMAND_SEQUENCE_ERROR.dnr()
+    );
     // Unknown I/O opcode.
-    assert_eq!(io.cpl(io_cmd(0x7e, 0, 1, true), &[]).status, Status::INVALID_OPCODE.dnr());
-    assert!(io.qp.close_reason().is_none(), "command errors keep the connection");
+    assert_eq!(
+        io.cpl(io_cmd(0x7e, 0, 1, true), &[]).status,
+        Status::INVALID_OPCODE.dnr()
+    );
+    assert!(
+        io.qp.close_reason().is_none(),
+        "command errors keep the connection"
+    );
 }
 
 #[test]
@@ -530,7 +583,10 @@ fn admin_queue_close_destroys_controller_and_io_queue_follows() {
     let (mut admin, mut io) = bring_up(&t, false);
     admin.qp.on_disconnect();
     io.qp.on_tick(io.now + 10);
-    assert_eq!(io.qp.close_reason(), Some(&CloseReason::Disconnected("controller destroyed")));
+    assert_eq!(
+        io.qp.close_reason(),
+        Some(&CloseReason::Disconnected("controller destroyed"))
+    );
 }
 
 #[test]
@@ -538,7 +594,10 @@ fn keep_alive_expiry_destroys_the_controller() {
     let t = target_with(AnaState::Optimized);
     let (mut admin, mut io) = bring_up(&t, false);
     admin.qp.on_tick(admin.now + 60_000);
-    assert_eq!(admin.qp.close_reason(), Some(&CloseReason::Disconnected("keep-alive timeout")));
+    assert_eq!(
+        admin.qp.close_reason(),
+        Some(&CloseReason::Disconnected("keep-alive timeout"))
+    );
     io.qp.on_tick(io.now + 60_000);
     assert!(io.qp.close_reason().is_some());
 }

@@ -131,7 +131,10 @@ impl Transport {
         l.set_nonblocking(true)?;
         let local = l.local_addr()?;
         self.acceptor_tx
-            .send(AcceptorCmd::Add { listener: l, port_id })
+            .send(AcceptorCmd::Add {
+                listener: l,
+                port_id,
+            })
             .map_err(|_| io::Error::other("acceptor thread is gone"))?;
         self.listeners.insert(port_id, local);
         tracing::info!(%local, port_id, "listening");
@@ -319,7 +322,9 @@ async fn serve_connection(
         .await;
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let _ = stream.into_std().map(|s| s.shutdown(std::net::Shutdown::Both));
+    let _ = stream
+        .into_std()
+        .map(|s| s.shutdown(std::net::Shutdown::Both));
     result
 }
 
@@ -340,7 +345,12 @@ impl Conn {
 
     /// One run-to-completion pass: read, execute, reap, write, repeat until
     /// nothing moves, then register for readiness.
-    fn drive(&mut self, cx: &mut Context<'_>, stream: &TcpStream, qp: &mut QueuePair) -> Poll<io::Result<Option<CloseReason>>> {
+    fn drive(
+        &mut self,
+        cx: &mut Context<'_>,
+        stream: &TcpStream,
+        qp: &mut QueuePair,
+    ) -> Poll<io::Result<Option<CloseReason>>> {
         for _ in 0..BUDGET {
             let mut progress = false;
             if qp.close_reason().is_none() {

@@ -13,7 +13,11 @@ use strata_target::pdu::{self, DecodeConfig, ICReq, PduHeader, Role};
 use strata_target::spec::{self, ConnectData, NvmeCmd, NvmeCpl, SglDescriptor};
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A running `strata serve`; killed (SIGKILL) on drop.
@@ -64,7 +68,10 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("strata serve did not listen on {port}; log:\n{}", self.log_text());
+        panic!(
+            "strata serve did not listen on {port}; log:\n{}",
+            self.log_text()
+        );
     }
 
     pub fn log_text(&self) -> String {
@@ -137,7 +144,8 @@ impl Client {
                     self.buf.drain(..p.plen);
                     return match p.header {
                         PduHeader::ICResp(r) => {
-                            self.cfg = DecodeConfig::established(Role::Host, r.hdgst, r.ddgst, 1 << 24);
+                            self.cfg =
+                                DecodeConfig::established(Role::Host, r.hdgst, r.ddgst, 1 << 24);
                             self.recv_after_icresp(r)
                         }
                         PduHeader::CapsuleResp(c) => Rsp::Cpl(c),
@@ -265,7 +273,12 @@ impl Client {
     }
 
     pub fn write(&mut self, slba: u64, data: &[u8], block: usize) -> NvmeCpl {
-        let mut c = rw(spec::io_opc::WRITE, slba, (data.len() / block) as u32, data.len() as u32);
+        let mut c = rw(
+            spec::io_opc::WRITE,
+            slba,
+            (data.len() / block) as u32,
+            data.len() as u32,
+        );
         if data.len() <= 8192 {
             c.set_sgl(SglDescriptor {
                 addr: 0,
@@ -275,7 +288,9 @@ impl Client {
             return self.exec(c, data).0;
         }
         self.capsule(c, &[]);
-        let Rsp::R2T(r2t) = self.recv() else { panic!("expected R2T") };
+        let Rsp::R2T(r2t) = self.recv() else {
+            panic!("expected R2T")
+        };
         let mut off = 0usize;
         while off < data.len() {
             let n = (data.len() - off).min(128 * 1024);
