@@ -231,7 +231,7 @@ impl ServeConfig {
                 .unwrap_or_else(|| "(syntax)".into());
             let line = e
                 .span()
-                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
             ConfigError {
                 file: file.to_string(),
                 field,
