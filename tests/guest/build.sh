@@ -59,17 +59,17 @@ KPKG=${GUEST_KERNEL_PKG:-$(apt-cache search --names-only '^linux-image-6\.1\.0-[
 [ -n "$KPKG" ] || die "no linux-image-6.1.0-*-amd64 in apt lists (run apt-get update)"
 log "kernel package: $KPKG"
 
-# fetch PKG -> prints the path of its .deb (downloaded once into $DEBS; the
-# candidate version from the apt lists at the time of the first download).
+# Downloaded .deb of PKG (empty if not downloaded yet).
+deb_of() { ls "$DEBS/${1}_"*.deb 2>/dev/null | sort -V | tail -n1 || true; }
+# fetch PKG... -> download (in one apt-get call) those not in $DEBS yet; the
+# candidate version from the apt lists at the time of the first download.
 fetch() {
-    local pkg=$1 file
-    file=$(ls "$DEBS/${pkg}_"*.deb 2>/dev/null | sort -V | tail -n1 || true)
-    if [ -z "$file" ]; then
-        (cd "$DEBS" && apt-get download -q "$pkg" >&2 2>"$WORK/apt.err") ||
-            { cat "$WORK/apt.err" >&2; die "apt-get download $pkg failed"; }
-        file=$(ls "$DEBS/${pkg}_"*.deb | sort -V | tail -n1)
-    fi
-    printf '%s\n' "$file"
+    local need=() p
+    for p in "$@"; do [ -n "$(deb_of "$p")" ] || need+=("$p"); done
+    [ ${#need[@]} -eq 0 ] && return 0
+    (cd "$DEBS" && apt-get download -q "${need[@]}" >&2 2>"$WORK/apt.err") ||
+        { cat "$WORK/apt.err" >&2; die "apt-get download ${need[*]} failed"; }
+    for p in "${need[@]}"; do [ -n "$(deb_of "$p")" ] || die "apt-get download $p produced no .deb"; done
 }
 
 # Runtime Pre-Depends/Depends of a downloaded package, read from its own
@@ -86,19 +86,27 @@ deb_deps() {
 SYSROOT=$WORK/sysroot
 mkdir -p "$SYSROOT"
 declare -A SEEN=()
-QUEUE=(busybox-static nvme-cli e2fsprogs libc6)
+LEVEL=(busybox-static nvme-cli e2fsprogs libc6)
 TOOLS=" busybox-static nvme-cli e2fsprogs "
-while [ ${#QUEUE[@]} -gt 0 ]; do
-    pkg=${QUEUE[0]}; QUEUE=("${QUEUE[@]:1}")
-    [ -n "${SEEN[$pkg]:-}" ] && continue
-    SEEN[$pkg]=1
-    deb=$(fetch "$pkg")
-    info=$(dpkg-deb -I "$deb")
-    if [[ "$TOOLS" == *" $pkg "* ]] || grep -Eq '^ +[0-9]+ bytes, +[0-9]+ lines +(shlibs|symbols) ' <<<"$info"; then
-        dpkg-deb -x "$deb" "$SYSROOT"
-        echo "$pkg" >>"$WORK/unpacked.txt"
-        for d in $(deb_deps "$deb"); do QUEUE+=("$d"); done
-    fi
+while [ ${#LEVEL[@]} -gt 0 ]; do
+    todo=()
+    for pkg in "${LEVEL[@]}"; do
+        [ -n "${SEEN[$pkg]:-}" ] && continue
+        SEEN[$pkg]=1
+        todo+=("$pkg")
+    done
+    [ ${#todo[@]} -eq 0 ] && break
+    fetch "${todo[@]}"
+    LEVEL=()
+    for pkg in "${todo[@]}"; do
+        deb=$(deb_of "$pkg")
+        info=$(dpkg-deb -I "$deb")
+        if [[ "$TOOLS" == *" $pkg "* ]] || grep -Eq '^ +[0-9]+ bytes, +[0-9]+ lines +(shlibs|symbols) ' <<<"$info"; then
+            dpkg-deb -x "$deb" "$SYSROOT"
+            echo "$pkg" >>"$WORK/unpacked.txt"
+            for d in $(deb_deps "$deb"); do LEVEL+=("$d"); done
+        fi
+    done
 done
 log "unpacked: $(tr '\n' ' ' <"$WORK/unpacked.txt")"
 
@@ -109,7 +117,8 @@ BB=$CACHE/bin/busybox
 # ---------------------------------------------------------------- kernel
 KROOT=$WORK/kernel
 mkdir -p "$KROOT"
-dpkg-deb -x "$(fetch "$KPKG")" "$KROOT"
+fetch "$KPKG"
+dpkg-deb -x "$(deb_of "$KPKG")" "$KROOT"
 KVER=$(ls "$KROOT/lib/modules" | head -n1)
 log "kernel version: $KVER"
 

@@ -127,5 +127,12 @@ if [ "$rc" != 0 ] || [ "${GUEST_VERBOSE:-0}" = 1 ]; then
         cat "$TMP/qemu.out" >&2
     fi
 fi
+# Under host load the guest may miscalibrate its TSC, and its clock then runs
+# fast (seen: 31 s of guest uptime in 9 s). Timing-sensitive tests (keep-alive,
+# ctrl_loss_tmo) can pass GUEST_APPEND=clocksource=hpet (accurate, ~15% slower).
+up=$(tr -d '\r' <"$LOG" | sed -n 's/^GUEST-EXIT=[0-9]* uptime=\([0-9.]*\).*/\1/p' | tail -n1)
+if [ -n "$up" ] && awk -v u="$up" -v w="$ELAPSED" 'BEGIN{exit !(u > w * 1.3 + 1)}'; then
+    echo "run.sh: WARNING: guest clock ran fast (guest uptime ${up}s vs ${ELAPSED}s wall): TSC miscalibrated under host load; use GUEST_APPEND=clocksource=hpet for timing-sensitive tests" >&2
+fi
 echo "run.sh: $why (${ELAPSED}s)" >&2
 exit "$rc"
