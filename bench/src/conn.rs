@@ -226,6 +226,9 @@ impl Conn {
             let e = std::io::Error::last_os_error();
             return match e.kind() {
                 ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted => Ok(false),
+                ErrorKind::ConnectionReset => {
+                    Err(anyhow!("target {} closed the connection (reset)", self.peer))
+                }
                 _ => Err(e).with_context(|| format!("receiving from target {}", self.peer)),
             };
         }
