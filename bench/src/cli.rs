@@ -202,7 +202,8 @@ impl Endpoint {
             let n = nqn.unwrap_or_else(|| m.subnqn().to_string());
             (m.addr, Some(m), n)
         } else {
-            let nqn = nqn.ok_or_else(|| anyhow!("--nqn NQN is required (or `nqn` in the job file)"))?;
+            let nqn =
+                nqn.ok_or_else(|| anyhow!("--nqn NQN is required (or `nqn` in the job file)"))?;
             (crate::conn::resolve(&addr)?, None, nqn)
         };
         let mut opts = ConnectOpts::new(sa, nqn);
@@ -273,7 +274,11 @@ pub fn resolve_jobs(a: &JobArgs, file: Option<&JobFile>) -> Result<Vec<JobSpec>>
     let qds: Vec<u32> = match &a.qd {
         Some(s) => s
             .split(',')
-            .map(|q| q.trim().parse::<u32>().with_context(|| format!("bad --qd {q:?}")))
+            .map(|q| {
+                q.trim()
+                    .parse::<u32>()
+                    .with_context(|| format!("bad --qd {q:?}"))
+            })
             .collect::<Result<_>>()?,
         None => vec![spec.qd],
     };
@@ -348,7 +353,14 @@ fn cmd_run(a: RunArgs) -> Result<()> {
             .then(|| VerifyState::new(spec.seed as u32 ^ (spec.seed >> 32) as u32));
         let seed = vs.as_ref().map_or(0, |v| v.seed);
         let out = run_with_progress(&ep.opts, spec, vs, !a.no_progress)?;
-        let rep = Report::build(&out, &ep.label, &ep.opts.subnqn, ep.opts.hdgst, ep.opts.ddgst, seed);
+        let rep = Report::build(
+            &out,
+            &ep.label,
+            &ep.opts.subnqn,
+            ep.opts.hdgst,
+            ep.opts.ddgst,
+            seed,
+        );
         print!("{}", rep.table());
         reports.push(rep);
     }
@@ -365,7 +377,10 @@ fn cmd_run(a: RunArgs) -> Result<()> {
             files.extend(crate::plot::qd_chart(
                 "IOPS against queue depth",
                 vec![crate::plot::Series {
-                    label: format!("{:?} bs={} jobs={}", specs[0].rw, specs[0].bs, specs[0].jobs),
+                    label: format!(
+                        "{:?} bs={} jobs={}",
+                        specs[0].rw, specs[0].bs, specs[0].jobs
+                    ),
                     points: pts,
                 }],
                 dir,

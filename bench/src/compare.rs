@@ -97,7 +97,11 @@ pub fn cmd_compare(a: CompareArgs) -> Result<()> {
     if job_args.job_file.is_none() {
         job_args.job_file = a.job.clone();
     }
-    let file = job_args.job_file.as_deref().map(JobFile::load).transpose()?;
+    let file = job_args
+        .job_file
+        .as_deref()
+        .map(JobFile::load)
+        .transpose()?;
     let specs = resolve_jobs(&job_args, file.as_ref())?;
     ensure!(specs.len() == 1, "compare runs one job; give a single --qd");
     let spec = &specs[0];
@@ -112,7 +116,14 @@ pub fn cmd_compare(a: CompareArgs) -> Result<()> {
         for (e, out) in [(&ea, &mut ra), (&eb, &mut rb)] {
             let o = run_with_progress(&e.opts, spec, None, true)
                 .with_context(|| format!("round {round} against {}", e.label))?;
-            out.push(Report::build(&o, &e.label, &e.opts.subnqn, e.opts.hdgst, e.opts.ddgst, 0));
+            out.push(Report::build(
+                &o,
+                &e.label,
+                &e.opts.subnqn,
+                e.opts.hdgst,
+                e.opts.ddgst,
+                0,
+            ));
         }
     }
     let rep = CompareReport {

@@ -11,9 +11,7 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use strata_target::pdu::{
-    self, DIGEST_LEN, DecodeConfig, ICReq, Parsed, PduHeader, Role, crc32c,
-};
+use strata_target::pdu::{self, DIGEST_LEN, DecodeConfig, ICReq, Parsed, PduHeader, Role, crc32c};
 
 /// How long a blocking receive waits before handing control back to the
 /// caller's loop, so deadlines and keep-alives are noticed even when the
@@ -226,9 +224,10 @@ impl Conn {
             let e = std::io::Error::last_os_error();
             return match e.kind() {
                 ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted => Ok(false),
-                ErrorKind::ConnectionReset => {
-                    Err(anyhow!("target {} closed the connection (reset)", self.peer))
-                }
+                ErrorKind::ConnectionReset => Err(anyhow!(
+                    "target {} closed the connection (reset)",
+                    self.peer
+                )),
                 _ => Err(e).with_context(|| format!("receiving from target {}", self.peer)),
             };
         }

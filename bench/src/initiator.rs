@@ -360,7 +360,8 @@ impl Controller {
     /// as the Linux host does without traffic-based keep-alive.
     pub fn keep_alive_if_due(&mut self) -> Result<()> {
         if self.opts.kato_ms == 0
-            || self.last_keep_alive.elapsed() < Duration::from_millis(u64::from(self.opts.kato_ms) / 2)
+            || self.last_keep_alive.elapsed()
+                < Duration::from_millis(u64::from(self.opts.kato_ms) / 2)
         {
             return Ok(());
         }
@@ -445,10 +446,19 @@ impl IoQueue {
             info.max_queue_entries
         );
         if let Some(m) = info.max_transfer {
-            ensure!(max_io <= m, "I/O size {max_io} exceeds the controller's MDTS ({m} bytes)");
+            ensure!(
+                max_io <= m,
+                "I/O size {max_io} exceeds the controller's MDTS ({m} bytes)"
+            );
         }
-        let mut conn = Conn::connect(opts.addr, opts.hdgst, opts.ddgst, max_io.max(4096), opts.timeout)
-            .with_context(|| format!("I/O queue {qid}"))?;
+        let mut conn = Conn::connect(
+            opts.addr,
+            opts.hdgst,
+            opts.ddgst,
+            max_io.max(4096),
+            opts.timeout,
+        )
+        .with_context(|| format!("I/O queue {qid}"))?;
         let cd = ConnectData {
             hostid: opts.hostid,
             cntlid: info.cntlid,
@@ -529,12 +539,19 @@ impl IoQueue {
                     }
                 }
                 PduHeader::R2T(r) => {
-                    let data = sink
-                        .write_data(r.cccid)
-                        .ok_or_else(|| anyhow!("R2T for command id {} that is not a write in flight", r.cccid))?;
+                    let data = sink.write_data(r.cccid).ok_or_else(|| {
+                        anyhow!(
+                            "R2T for command id {} that is not a write in flight",
+                            r.cccid
+                        )
+                    })?;
                     send_h2c(&mut self.conn, data, r.cccid, r.ttag, r.r2to, r.r2tl)?;
                 }
-                other => bail!("unexpected {:?} from target on I/O queue {}", other.pdu_type(), self.qid),
+                other => bail!(
+                    "unexpected {:?} from target on I/O queue {}",
+                    other.pdu_type(),
+                    self.qid
+                ),
             }
         }
         Ok(true)

@@ -89,12 +89,20 @@ impl Default for JobSpec {
 impl JobSpec {
     pub fn validate(&self) -> Result<()> {
         ensure!(
-            self.bs > 0 && self.bs % 512 == 0,
+            self.bs > 0 && self.bs.is_multiple_of(512),
             "block size {} must be a multiple of 512",
             self.bs
         );
-        ensure!(self.qd >= 1 && self.qd <= 4096, "queue depth {} out of 1..=4096", self.qd);
-        ensure!(self.jobs >= 1 && self.jobs <= 1024, "jobs {} out of 1..=1024", self.jobs);
+        ensure!(
+            self.qd >= 1 && self.qd <= 4096,
+            "queue depth {} out of 1..=4096",
+            self.qd
+        );
+        ensure!(
+            self.jobs >= 1 && self.jobs <= 1024,
+            "jobs {} out of 1..=1024",
+            self.jobs
+        );
         ensure!(self.rwmixread <= 100, "rwmixread {} > 100", self.rwmixread);
         ensure!(self.interval_ms >= 10, "interval must be at least 10 ms");
         ensure!(self.rate_iops != Some(0), "rate of 0 IOPS");
@@ -110,7 +118,10 @@ impl JobSpec {
 /// Parses "4k", "1m", "512", "1g" (binary units, as fio).
 pub fn parse_size(s: &str) -> Result<u64> {
     let s = s.trim().to_ascii_lowercase();
-    let s = s.strip_suffix("ib").or_else(|| s.strip_suffix('b')).unwrap_or(&s);
+    let s = s
+        .strip_suffix("ib")
+        .or_else(|| s.strip_suffix('b'))
+        .unwrap_or(&s);
     let (num, mult) = match s.char_indices().last() {
         Some((i, 'k')) => (&s[..i], 1u64 << 10),
         Some((i, 'm')) => (&s[..i], 1 << 20),
@@ -118,7 +129,10 @@ pub fn parse_size(s: &str) -> Result<u64> {
         Some((i, 't')) => (&s[..i], 1 << 40),
         _ => (s, 1),
     };
-    let n: u64 = num.trim().parse().with_context(|| format!("bad size {s:?}"))?;
+    let n: u64 = num
+        .trim()
+        .parse()
+        .with_context(|| format!("bad size {s:?}"))?;
     n.checked_mul(mult)
         .with_context(|| format!("size {s:?} overflows"))
 }
@@ -139,7 +153,10 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
     } else {
         (s.as_str(), 1000.0)
     };
-    let n: f64 = num.trim().parse().with_context(|| format!("bad duration {s:?}"))?;
+    let n: f64 = num
+        .trim()
+        .parse()
+        .with_context(|| format!("bad duration {s:?}"))?;
     if !(n.is_finite() && n >= 0.0) {
         bail!("bad duration {s:?}");
     }

@@ -132,7 +132,9 @@ impl Engine<'_> {
     fn slot(&mut self, cid: u16) -> Result<&mut Slot> {
         match self.slots.get_mut(cid as usize) {
             Some(s) if s.busy => Ok(s),
-            _ => Err(anyhow!("target completed command id {cid}, which is not in flight")),
+            _ => Err(anyhow!(
+                "target completed command id {cid}, which is not in flight"
+            )),
         }
     }
 }
@@ -141,7 +143,10 @@ impl Completions for Engine<'_> {
     fn c2h_data(&mut self, cid: u16, offset: u32, data: &[u8]) -> Result<()> {
         let verifying = self.verify.is_some();
         let s = self.slot(cid)?;
-        ensure!(s.opcode == io_opc::READ, "C2HData for command id {cid}, a write");
+        ensure!(
+            s.opcode == io_opc::READ,
+            "C2HData for command id {cid}, a write"
+        );
         let end = offset as usize + data.len();
         ensure!(
             end <= s.buf.len(),
@@ -168,11 +173,16 @@ impl Completions for Engine<'_> {
         let (sector, seed, bs) = (self.sector, self.seed, self.bs);
         let s = self.slot(cid)?;
         s.busy = false;
-        let (opcode, block, slba, generation, start) = (s.opcode, s.block, s.slba, s.generation, s.start);
+        let (opcode, block, slba, generation, start) =
+            (s.opcode, s.block, s.slba, s.generation, s.start);
         if !status.is_success() {
             bail!(
                 "{} of {bs} bytes at LBA {slba} failed: {status:?}",
-                if opcode == io_opc::READ { "read" } else { "write" }
+                if opcode == io_opc::READ {
+                    "read"
+                } else {
+                    "write"
+                }
             );
         }
         if let Some(v) = self.verify.as_deref_mut() {
@@ -333,11 +343,9 @@ fn run_job(
         }
         let mut wait = slice;
         while submitting {
-            if rate_period.is_some() {
-                if now < next_at {
-                    wait = wait.min(next_at - now);
-                    break;
-                }
+            if rate_period.is_some() && now < next_at {
+                wait = wait.min(next_at - now);
+                break;
             }
             let Some(cid) = e.free.pop() else { break };
             let is_read = read_pct == 100 || (read_pct > 0 && rng.next() % 100 < read_pct);
@@ -372,12 +380,10 @@ fn run_job(
             if let Some(p) = rate_period {
                 next_at += p;
             }
-            if !is_read {
-                if let Some(v) = e.verify.as_deref_mut() {
-                    v.next_gen += 1;
-                    slot.generation = v.next_gen;
-                    verify::stamp(&mut slot.buf, lba_size as usize, slba, v.next_gen, seed);
-                }
+            if !is_read && let Some(v) = e.verify.as_deref_mut() {
+                v.next_gen += 1;
+                slot.generation = v.next_gen;
+                verify::stamp(&mut slot.buf, lba_size as usize, slba, v.next_gen, seed);
             }
             e.block_busy[block as usize] = true;
             e.inflight += 1;
@@ -399,7 +405,9 @@ fn run_job(
         e.batch_now = None;
         q.poll(&mut e, wait)?;
         if e.completed_since_publish > 0 {
-            progress.ios.fetch_add(e.completed_since_publish, Ordering::Relaxed);
+            progress
+                .ios
+                .fetch_add(e.completed_since_publish, Ordering::Relaxed);
             e.completed_since_publish = 0;
         }
     }
@@ -465,7 +473,7 @@ pub fn run(
         spec.jobs
     );
     ensure!(
-        spec.bs % info.lba_size == 0,
+        spec.bs.is_multiple_of(info.lba_size),
         "block size {} is not a multiple of the namespace's {} byte LBA",
         spec.bs,
         info.lba_size
@@ -478,14 +486,21 @@ pub fn run(
         info.max_queue_entries
     );
     let ns_bytes = info.ns_blocks * u64::from(info.lba_size);
-    ensure!(spec.offset < ns_bytes, "offset {} beyond the {ns_bytes} byte namespace", spec.offset);
+    ensure!(
+        spec.offset < ns_bytes,
+        "offset {} beyond the {ns_bytes} byte namespace",
+        spec.offset
+    );
     let size = spec.size.unwrap_or(ns_bytes - spec.offset);
     ensure!(
         spec.offset + size <= ns_bytes,
         "region [{}, +{size}) exceeds the {ns_bytes} byte namespace",
         spec.offset
     );
-    ensure!(spec.offset % u64::from(info.lba_size) == 0, "offset not LBA aligned");
+    ensure!(
+        spec.offset.is_multiple_of(u64::from(info.lba_size)),
+        "offset not LBA aligned"
+    );
     let per_job_blocks = size / u64::from(spec.bs) / u64::from(spec.jobs);
     ensure!(
         per_job_blocks >= 1,
@@ -495,9 +510,13 @@ pub fn run(
     );
 
     let vstate = if spec.verify {
-        let vs = verify.unwrap_or_else(|| VerifyState::new(spec.seed as u32 ^ (spec.seed >> 32) as u32));
+        let vs =
+            verify.unwrap_or_else(|| VerifyState::new(spec.seed as u32 ^ (spec.seed >> 32) as u32));
         let layout = (spec.offset, per_job_blocks, spec.bs, spec.jobs);
-        let mut l = vs.layout.lock().map_err(|_| anyhow!("verify state poisoned"))?;
+        let mut l = vs
+            .layout
+            .lock()
+            .map_err(|_| anyhow!("verify state poisoned"))?;
         match *l {
             None => *l = Some(layout),
             Some(old) => ensure!(
@@ -506,7 +525,10 @@ pub fn run(
             ),
         }
         drop(l);
-        let mut jobs = vs.jobs.lock().map_err(|_| anyhow!("verify state poisoned"))?;
+        let mut jobs = vs
+            .jobs
+            .lock()
+            .map_err(|_| anyhow!("verify state poisoned"))?;
         jobs.resize_with(spec.jobs as usize, || None);
         for j in jobs.iter_mut() {
             if j.is_none() {
@@ -539,16 +561,27 @@ pub fn run(
                             q.disconnect();
                             bail!("aborted");
                         }
-                        let mut jv = vstate
-                            .as_ref()
-                            .map(|vs| vs.jobs.lock().expect("poisoned")[j as usize].take().expect("set"));
+                        let mut jv = vstate.as_ref().map(|vs| {
+                            vs.jobs.lock().expect("poisoned")[j as usize]
+                                .take()
+                                .expect("set")
+                        });
                         let region = Region {
                             lba: (spec.offset + u64::from(j) * per_job_blocks * u64::from(spec.bs))
                                 / u64::from(info.lba_size),
                             blocks: per_job_blocks,
                         };
                         let seed = vstate.as_ref().map_or(0, |v| v.seed);
-                        let r = run_job(&mut q, spec, j, region, info.lba_size, jv.as_mut(), seed, progress);
+                        let r = run_job(
+                            &mut q,
+                            spec,
+                            j,
+                            region,
+                            info.lba_size,
+                            jv.as_mut(),
+                            seed,
+                            progress,
+                        );
                         if let (Some(vs), Some(jv)) = (vstate, jv) {
                             vs.jobs.lock().expect("poisoned")[j as usize] = Some(jv);
                         }
@@ -576,7 +609,10 @@ pub fn run(
         }
         let mut r: Vec<Result<JobResult>> = handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("job thread panicked"))))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow!("job thread panicked")))
+            })
             .collect();
         if let Some(e) = ka_err {
             r.push(Err(e.context("keep alive")));

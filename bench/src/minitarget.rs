@@ -498,4 +498,3 @@ pub fn file_backend(path: &std::path::Path, bytes: u64) -> Result<Backend> {
     f.set_len(bytes)?;
     Ok(Backend::File(f))
 }
-

@@ -47,12 +47,14 @@ pub fn render(chart: &Chart, dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
     {
         let root = SVGBackend::new(&svg, (W, H)).into_drawing_area();
         draw(&root, chart)?;
-        root.present().map_err(|e| anyhow!("writing {}: {e:?}", svg.display()))?;
+        root.present()
+            .map_err(|e| anyhow!("writing {}: {e:?}", svg.display()))?;
     }
     {
         let root = BitMapBackend::new(&png, (W, H)).into_drawing_area();
         draw(&root, chart)?;
-        root.present().map_err(|e| anyhow!("writing {}: {e:?}", png.display()))?;
+        root.present()
+            .map_err(|e| anyhow!("writing {}: {e:?}", png.display()))?;
     }
     Ok(vec![svg, png])
 }
@@ -102,10 +104,15 @@ where
                 .map_err(err)?;
             for (i, s) in chart.series.iter().enumerate() {
                 let color = Palette99::pick(i).to_rgba();
-                ctx.draw_series(LineSeries::new(s.points.iter().copied(), color.stroke_width(2)))
-                    .map_err(err)?
-                    .label(s.label.as_str())
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+                ctx.draw_series(LineSeries::new(
+                    s.points.iter().copied(),
+                    color.stroke_width(2),
+                ))
+                .map_err(err)?
+                .label(s.label.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
                 ctx.draw_series(s.points.iter().map(|&p| Circle::new(p, 3, color.filled())))
                     .map_err(err)?;
             }
@@ -121,7 +128,10 @@ where
         }};
     }
     if chart.log_x {
-        body!(b.build_cartesian_2d((x0..x1).log_scale(), 0f64..y1).map_err(err)?);
+        body!(
+            b.build_cartesian_2d((x0..x1).log_scale(), 0f64..y1)
+                .map_err(err)?
+        );
     } else {
         body!(b.build_cartesian_2d(x0..x1, 0f64..y1).map_err(err)?);
     }
@@ -152,7 +162,10 @@ pub fn run_plots(r: &crate::report::Report, dir: &Path) -> Result<Vec<PathBuf>> 
             y_label: "IOPS".into(),
             log_x: false,
             series: vec![Series {
-                label: format!("{:?} bs={} qd={} jobs={}", r.job.rw, r.job.bs, r.job.qd, r.job.jobs),
+                label: format!(
+                    "{:?} bs={} qd={} jobs={}",
+                    r.job.rw, r.job.bs, r.job.qd, r.job.jobs
+                ),
                 points: r
                     .timeline
                     .iops
@@ -172,8 +185,15 @@ pub fn run_plots(r: &crate::report::Report, dir: &Path) -> Result<Vec<PathBuf>> 
             y_label: "fraction of I/Os".into(),
             log_x: true,
             series: vec![Series {
-                label: format!("p50 {:.0}µs p99 {:.0}µs", r.summary.all.p50_us, r.summary.all.p99_us),
-                points: r.latency_cdf.iter().map(|p| (p.latency_us, p.fraction)).collect(),
+                label: format!(
+                    "p50 {:.0}µs p99 {:.0}µs",
+                    r.summary.all.p50_us, r.summary.all.p99_us
+                ),
+                points: r
+                    .latency_cdf
+                    .iter()
+                    .map(|p| (p.latency_us, p.fraction))
+                    .collect(),
             }],
         },
         dir,

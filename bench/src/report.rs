@@ -113,7 +113,14 @@ pub struct VerifyReport {
 }
 
 impl Report {
-    pub fn build(out: &RunOutput, addr: &str, subnqn: &str, hdgst: bool, ddgst: bool, seed: u32) -> Self {
+    pub fn build(
+        out: &RunOutput,
+        addr: &str,
+        subnqn: &str,
+        hdgst: bool,
+        ddgst: bool,
+        seed: u32,
+    ) -> Self {
         let info: &ControllerInfo = &out.info;
         let mut rh = new_hist();
         let mut wh = new_hist();
@@ -204,7 +211,11 @@ impl Report {
             cpu: Cpu {
                 initiator_cpu_s: cpu_ns as f64 / 1e9,
                 us_per_io: per_io_us(cpu_ns, s.ios),
-                utilization_cores: if window > 0.0 { cpu_ns as f64 / 1e9 / window } else { 0.0 },
+                utilization_cores: if window > 0.0 {
+                    cpu_ns as f64 / 1e9 / window
+                } else {
+                    0.0
+                },
                 process_cpu_s: out.process_cpu_ns as f64 / 1e9,
                 wall_s: out.wall.as_secs_f64(),
             },
@@ -247,7 +258,15 @@ impl Report {
         let row = |name: &str, iops: f64, bw: f64, l: &LatencySummary| {
             format!(
                 "{:<6} {:>12.0} {:>10}/s {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}\n",
-                name, iops, human_bytes(bw), l.min_us, l.mean_us, l.p50_us, l.p99_us, l.p999_us, l.max_us
+                name,
+                iops,
+                human_bytes(bw),
+                l.min_us,
+                l.mean_us,
+                l.p50_us,
+                l.p99_us,
+                l.p999_us,
+                l.max_us
             )
         };
         let s = &self.summary;
@@ -262,8 +281,17 @@ impl Report {
         }
         if self.jobs.len() > 1 {
             for jr in &self.jobs {
-                let l = if jr.reads >= jr.writes { &jr.read } else { &jr.write };
-                o += &row(&format!("job{}", jr.job), jr.iops, 0.0, l);
+                let l = if jr.reads >= jr.writes {
+                    &jr.read
+                } else {
+                    &jr.write
+                };
+                let bw = if s.window_s > 0.0 {
+                    jr.bytes as f64 / s.window_s
+                } else {
+                    0.0
+                };
+                o += &row(&format!("job{}", jr.job), jr.iops, bw, l);
             }
         }
         o += &format!(
@@ -292,7 +320,11 @@ fn rate(n: u64, secs: f64) -> f64 {
 }
 
 fn per_io_us(cpu_ns: u64, ios: u64) -> f64 {
-    if ios > 0 { cpu_ns as f64 / 1000.0 / ios as f64 } else { 0.0 }
+    if ios > 0 {
+        cpu_ns as f64 / 1000.0 / ios as f64
+    } else {
+        0.0
+    }
 }
 
 pub fn human_bytes(b: f64) -> String {
@@ -303,5 +335,9 @@ pub fn human_bytes(b: f64) -> String {
         v /= 1024.0;
         i += 1;
     }
-    if i == 0 { format!("{v:.0}{}", U[i]) } else { format!("{v:.1}{}", U[i]) }
+    if i == 0 {
+        format!("{v:.0}{}", U[i])
+    } else {
+        format!("{v:.1}{}", U[i])
+    }
 }

@@ -64,7 +64,12 @@ pub struct SearchOpts {
 
 /// Runs the search for `tiers`. Identical (rw, qd, jobs) steps are measured
 /// once and shared, because lower tiers' sweeps are prefixes of higher ones.
-pub fn search(opts: &ConnectOpts, label: &str, tiers: &[Tier], so: &SearchOpts) -> Result<TiersReport> {
+pub fn search(
+    opts: &ConnectOpts,
+    label: &str,
+    tiers: &[Tier],
+    so: &SearchOpts,
+) -> Result<TiersReport> {
     let mut cache: HashMap<(Rw, u32, u32), Step> = HashMap::new();
     let mut measure = |rw: Rw, qd: u32, jobs: u32| -> Result<Step> {
         if let Some(s) = cache.get(&(rw, qd, jobs)) {
@@ -148,7 +153,12 @@ impl TiersReport {
     pub fn table(&self) -> String {
         let mut o = format!(
             "{:<9} {:>16} {:>16} {:>13} {:>20} {:>9}\n",
-            "tier", "read IOPS@<1ms", "write IOPS@<1ms", "best lat µs", "IOPS/core (r / w)", "SLO met?"
+            "tier",
+            "read IOPS@<1ms",
+            "write IOPS@<1ms",
+            "best lat µs",
+            "IOPS/core (r / w)",
+            "SLO met?"
         );
         for t in &self.tiers {
             let p = &t.profile;
@@ -188,20 +198,29 @@ impl TiersReport {
                 }
             }
         }
-        qd_chart("Tiers: 4K IOPS against queue depth", series, dir, "tiers_iops_vs_qd")
+        qd_chart(
+            "Tiers: 4K IOPS against queue depth",
+            series,
+            dir,
+            "tiers_iops_vs_qd",
+        )
     }
 }
 
 pub fn cmd_tiers(a: TiersArgs) -> Result<()> {
     let ep = Endpoint::resolve(&a.target, None)?;
-    let tiers = if a.tier.is_empty() { Tier::ALL.to_vec() } else { a.tier.clone() };
+    let tiers = if a.tier.is_empty() {
+        Tier::ALL.to_vec()
+    } else {
+        a.tier.clone()
+    };
     let so = SearchOpts {
         step_ms: parse_duration(&a.step_time)?.as_millis() as u64,
         ramp_ms: parse_duration(&a.ramp)?.as_millis() as u64,
         size: a.size.as_deref().map(parse_size).transpose()?,
-        target_cores: a.target_cores.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
-        }),
+        target_cores: a
+            .target_cores
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32)),
         ref_scale: a.ref_scale,
         progress: !a.no_progress,
     };

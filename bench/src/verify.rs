@@ -89,7 +89,13 @@ pub fn stamp(buf: &mut [u8], sector: usize, slba: u64, generation: u32, seed: u3
 /// Checks data read from `slba`. `expected` is the generation of the last
 /// acknowledged write of this block in this run (None: not written by us,
 /// so only self-consistency can be checked). Returns the first problem.
-pub fn check(buf: &[u8], sector: usize, slba: u64, expected: Option<u32>, seed: u32) -> Option<VerifyError> {
+pub fn check(
+    buf: &[u8],
+    sector: usize,
+    slba: u64,
+    expected: Option<u32>,
+    seed: u32,
+) -> Option<VerifyError> {
     let err = |kind, lba, found_gen, detail: String| {
         Some(VerifyError {
             kind,
@@ -116,7 +122,12 @@ pub fn check(buf: &[u8], sector: usize, slba: u64, expected: Option<u32>, seed: 
                     None => continue,
                 }
             }
-            return err(ErrorKind::Corrupt, lba, None, "verify header missing".into());
+            return err(
+                ErrorKind::Corrupt,
+                lba,
+                None,
+                "verify header missing".into(),
+            );
         }
         let crc = u32::from_le_bytes(s[28..32].try_into().expect("4"));
         if crc != sector_crc(s) {
@@ -124,7 +135,10 @@ pub fn check(buf: &[u8], sector: usize, slba: u64, expected: Option<u32>, seed: 
                 ErrorKind::Corrupt,
                 lba,
                 None,
-                format!("checksum mismatch (stored {crc:#010x}, computed {:#010x})", sector_crc(s)),
+                format!(
+                    "checksum mismatch (stored {crc:#010x}, computed {:#010x})",
+                    sector_crc(s)
+                ),
             );
         }
         let hlba = u64::from_le_bytes(s[8..16].try_into().expect("8"));
@@ -145,7 +159,9 @@ pub fn check(buf: &[u8], sector: usize, slba: u64, expected: Option<u32>, seed: 
                     ErrorKind::Torn,
                     lba,
                     Some(generation),
-                    format!("generation {generation} (write at {wlba}) while the block's first sector has {g0} (write at {w0})"),
+                    format!(
+                        "generation {generation} (write at {wlba}) while the block's first sector has {g0} (write at {w0})"
+                    ),
                 );
             }
         } else {

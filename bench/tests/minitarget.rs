@@ -77,7 +77,11 @@ fn verify_roundtrip_over_every_data_path() {
             r2t_chunk: 64 * 1024,
             ..Default::default()
         };
-        let t = MiniTarget::spawn(cfg, Backend::Memory(std::sync::Mutex::new(vec![0; 32 << 20]))).unwrap();
+        let t = MiniTarget::spawn(
+            cfg,
+            Backend::Memory(std::sync::Mutex::new(vec![0; 32 << 20])),
+        )
+        .unwrap();
         let mut o = opts(&t);
         o.hdgst = hd;
         o.ddgst = dd;
@@ -93,7 +97,10 @@ fn verify_roundtrip_over_every_data_path() {
         };
         let out = run(&o, &spec, None);
         let r = report(&o, &out);
-        assert!(r.summary.write.count > 0 && r.summary.read.count > 0, "bs {bs}");
+        assert!(
+            r.summary.write.count > 0 && r.summary.read.count > 0,
+            "bs {bs}"
+        );
         assert!(r.verify.blocks_checked > 0);
         assert_eq!(r.verify.error_count, 0, "bs {bs}: {:?}", r.verify.errors);
     }
@@ -135,7 +142,11 @@ fn verify_catches_bytes_flipped_in_backing_file_at_exact_lba() {
     assert_eq!(report(&o, &out).verify.error_count, 0);
 
     let bad_lba = 12_345u64;
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
     let mut b = [0u8; 3];
     f.read_exact_at(&mut b, bad_lba * 512 + 200).unwrap();
     for x in &mut b {
@@ -164,7 +175,11 @@ fn verify_names_lost_and_misdirected_writes() {
     let o = opts(&t);
     let vs = VerifyState::new(7);
     run(&o, &fill_spec(), Some(vs.clone()));
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
     // Lost: block at LBA 800 reads as never written.
     f.write_all_at(&[0u8; 4096], 800 * 512).unwrap();
     // Misdirected: the data meant for LBA 2000 (one whole 4K block) also
@@ -179,7 +194,10 @@ fn verify_names_lost_and_misdirected_writes() {
     let r = report(&o, &run(&o, &read, Some(vs)));
     let mut found: Vec<_> = r.verify.errors.iter().map(|e| (e.kind, e.lba)).collect();
     found.sort_by_key(|x| x.1);
-    assert_eq!(found, vec![(ErrorKind::Lost, 800), (ErrorKind::Misdirected, 3000)]);
+    assert_eq!(
+        found,
+        vec![(ErrorKind::Lost, 800), (ErrorKind::Misdirected, 3000)]
+    );
 }
 
 /// A write pass with verify reads every block back at the end by itself.
@@ -248,13 +266,30 @@ fn cli_run_writes_json_and_plots() {
     let json = dir.path().join("r.json");
     let plots = dir.path().join("plots");
     let args = Top::try_parse_from([
-        "bench", "run", "--target", "null", "--rw", "randread", "--bs", "4k", "--qd", "1,4", "--jobs", "1",
-        "--runtime", "200ms", "--json", json.to_str().unwrap(), "--plot", plots.to_str().unwrap(),
+        "bench",
+        "run",
+        "--target",
+        "null",
+        "--rw",
+        "randread",
+        "--bs",
+        "4k",
+        "--qd",
+        "1,4",
+        "--jobs",
+        "1",
+        "--runtime",
+        "200ms",
+        "--json",
+        json.to_str().unwrap(),
+        "--plot",
+        plots.to_str().unwrap(),
         "--no-progress",
     ])
     .unwrap();
     cli_main(args.bench).unwrap();
-    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     common::check_against_schema(&doc).unwrap();
     assert_eq!(doc.as_array().unwrap().len(), 2);
     for f in ["iops_over_time", "latency_cdf", "iops_vs_qd"] {
@@ -263,13 +298,47 @@ fn cli_run_writes_json_and_plots() {
 
     // The documented command line parses as given in the issue.
     Top::try_parse_from([
-        "bench", "run", "--target", "127.0.0.1:4420", "--nqn", "nqn.x", "--rw", "randread", "--bs", "4k",
-        "--qd", "32", "--jobs", "1", "--runtime", "10s", "--json", "f.json", "--plot", "d",
+        "bench",
+        "run",
+        "--target",
+        "127.0.0.1:4420",
+        "--nqn",
+        "nqn.x",
+        "--rw",
+        "randread",
+        "--bs",
+        "4k",
+        "--qd",
+        "32",
+        "--jobs",
+        "1",
+        "--runtime",
+        "10s",
+        "--json",
+        "f.json",
+        "--plot",
+        "d",
     ])
     .unwrap();
-    Top::try_parse_from(["bench", "tiers", "--target", "127.0.0.1:4420", "--nqn", "nqn.x"]).unwrap();
-    Top::try_parse_from(["bench", "compare", "--a", "127.0.0.1:4420,nqn.a", "--b", "127.0.0.1:4421,nqn.b", "job.toml"])
-        .unwrap();
+    Top::try_parse_from([
+        "bench",
+        "tiers",
+        "--target",
+        "127.0.0.1:4420",
+        "--nqn",
+        "nqn.x",
+    ])
+    .unwrap();
+    Top::try_parse_from([
+        "bench",
+        "compare",
+        "--a",
+        "127.0.0.1:4420,nqn.a",
+        "--b",
+        "127.0.0.1:4421,nqn.b",
+        "job.toml",
+    ])
+    .unwrap();
 }
 
 /// A TOML job file drives a run; flags override it.
@@ -289,12 +358,20 @@ fn cli_job_file_is_honoured() {
     .unwrap();
     let json = dir.path().join("r.json");
     let args = Top::try_parse_from([
-        "bench", "run", "--job", jf.to_str().unwrap(), "--qd", "3", "--json", json.to_str().unwrap(),
+        "bench",
+        "run",
+        "--job",
+        jf.to_str().unwrap(),
+        "--qd",
+        "3",
+        "--json",
+        json.to_str().unwrap(),
         "--no-progress",
     ])
     .unwrap();
     cli_main(args.bench).unwrap();
-    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(doc["job"]["name"], "fromfile");
     assert_eq!(doc["job"]["rw"], "randwrite");
     assert_eq!(doc["job"]["bs"], 8192);
@@ -369,10 +446,26 @@ fn bad_job_settings_are_refused() {
         bs: 1000,
         ..short(Rw::Randread, 1, 1, 100)
     };
-    let e = load::run(&o, &bad, None, Arc::new(Progress::default()), &mut |_, _| {}).err().unwrap();
+    let e = load::run(
+        &o,
+        &bad,
+        None,
+        Arc::new(Progress::default()),
+        &mut |_, _| {},
+    )
+    .err()
+    .unwrap();
     assert!(format!("{e}").contains("multiple of 512"), "{e}");
     let deep = short(Rw::Randread, 2000, 1, 100);
-    let e = load::run(&o, &deep, None, Arc::new(Progress::default()), &mut |_, _| {}).err().unwrap();
+    let e = load::run(
+        &o,
+        &deep,
+        None,
+        Arc::new(Progress::default()),
+        &mut |_, _| {},
+    )
+    .err()
+    .unwrap();
     assert!(format!("{e}").contains("CAP.MQES"), "{e}");
 }
 
@@ -386,7 +479,11 @@ fn rate_limit_is_respected() {
         ..short(Rw::Randread, 4, 2, 500)
     };
     let r = report(&o, &run(&o, &spec, None));
-    assert!((1600.0..2400.0).contains(&r.summary.iops), "{}", r.summary.iops);
+    assert!(
+        (1600.0..2400.0).contains(&r.summary.iops),
+        "{}",
+        r.summary.iops
+    );
 }
 
 /// Tier search and compare, end to end on the null target.
@@ -404,12 +501,25 @@ fn tiers_and_compare_on_null_target() {
     };
     let r = strata_bench::tiers::search(&o, "null", &[strata_tier::Tier::Basic], &so).unwrap();
     let b = &r.tiers[0];
-    eprintln!("{:#?}", b.steps);
-    assert!(b.measured.read_iops > 0 && b.measured.write_iops > 0);
+    // The machine is shared, so whether a step meets the SLO is not for a
+    // test to assume; what the search reports must follow from its steps.
+    for (rw, best, qd) in [
+        (Rw::Randread, b.measured.read_iops, b.read_qd),
+        (Rw::Randwrite, b.measured.write_iops, b.write_qd),
+    ] {
+        let steps: Vec<_> = b.steps.iter().filter(|s| s.rw == rw).collect();
+        assert!(!steps.is_empty());
+        let under: Vec<_> = steps.iter().filter(|s| s.p99_us < 1000.0).collect();
+        let max = under.iter().map(|s| s.iops).fold(0.0, f64::max);
+        assert_eq!(best, max as u64, "{rw:?}: {steps:?}");
+        assert_eq!(qd.is_some(), !under.is_empty());
+    }
     assert!(b.measured.best_latency_us > 0.0);
-    assert!(b.read_qd.is_some());
     let table = r.table();
-    assert!(table.contains("Basic") && table.contains("SLO met?"), "{table}");
+    assert!(
+        table.contains("Basic") && table.contains("SLO met?"),
+        "{table}"
+    );
     let dir = tempfile::tempdir().unwrap();
     assert_eq!(r.plot(dir.path()).unwrap().len(), 2);
 

@@ -54,24 +54,24 @@ pub fn validate(schema: &Value, root: &Value, v: &Value, path: &str) -> Result<(
                 }
             }
             "minimum" => {
-                if let (Some(x), Some(m)) = (v.as_f64(), s.as_f64()) {
-                    if x < m {
-                        return Err(format!("{path}: {x} < minimum {m}"));
-                    }
+                if let (Some(x), Some(m)) = (v.as_f64(), s.as_f64())
+                    && x < m
+                {
+                    return Err(format!("{path}: {x} < minimum {m}"));
                 }
             }
             "maximum" => {
-                if let (Some(x), Some(m)) = (v.as_f64(), s.as_f64()) {
-                    if x > m {
-                        return Err(format!("{path}: {x} > maximum {m}"));
-                    }
+                if let (Some(x), Some(m)) = (v.as_f64(), s.as_f64())
+                    && x > m
+                {
+                    return Err(format!("{path}: {x} > maximum {m}"));
                 }
             }
             "minItems" => {
-                if let Some(a) = v.as_array() {
-                    if (a.len() as u64) < s.as_u64().unwrap_or(0) {
-                        return Err(format!("{path}: fewer than {s} items"));
-                    }
+                if let Some(a) = v.as_array()
+                    && (a.len() as u64) < s.as_u64().unwrap_or(0)
+                {
+                    return Err(format!("{path}: fewer than {s} items"));
                 }
             }
             "required" => {
@@ -138,8 +138,11 @@ pub fn validate(schema: &Value, root: &Value, v: &Value, path: &str) -> Result<(
 }
 
 pub fn schema() -> Value {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/schema/result.schema.json"))
-        .expect("schema file");
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/schema/result.schema.json"
+    ))
+    .expect("schema file");
     serde_json::from_str(&text).expect("schema is JSON")
 }
 
