@@ -1,0 +1,28 @@
+//! strata-bench: a userspace NVMe/TCP initiator, a fio-style load
+//! generator and the tier benchmarks, sharing the target's PDU codec
+//! (`strata_target::pdu`) so there is one implementation of the wire format.
+//!
+//! * [`initiator`]: admin queue ([`initiator::Controller`]) and I/O queues
+//!   ([`initiator::IoQueue`]), one TCP connection each.
+//! * [`load`]: the load generator, one thread per job.
+//! * [`verify`]: self-checking block format for lost/torn/misdirected writes.
+//! * [`report`] / [`plot`]: JSON result document, table, SVG/PNG plots.
+//! * [`tiers`] / [`compare`]: the tier search and A/B comparison.
+//! * [`minitarget`]: a tiny in-process target, the null path the
+//!   initiator's overhead is measured against.
+//! * [`cli`]: `strata bench run|tiers|compare` ([`BenchArgs`], [`cli_main`]).
+
+pub mod cli;
+pub mod compare;
+pub mod conn;
+pub mod initiator;
+pub mod job;
+pub mod load;
+pub mod minitarget;
+pub mod plot;
+pub mod report;
+pub mod stats;
+pub mod tiers;
+pub mod verify;
+
+pub use cli::{BenchArgs, cli_main};
