@@ -36,6 +36,8 @@ enum Cmd {
         #[arg(long)]
         reactors: Option<usize>,
     },
+    /// Userspace NVMe/TCP load generator: run, tiers, compare (see docs/bench.md).
+    Bench(strata_bench::BenchArgs),
 }
 
 fn main() {
@@ -59,6 +61,7 @@ fn main() {
             discovery,
             reactors,
         }),
+        Cmd::Bench(args) => strata_bench::cli_main(args),
     };
     if let Err(e) = r {
         eprintln!("strata: {e:#}");

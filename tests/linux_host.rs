@@ -31,7 +31,12 @@ fn trigger_server(act: impl Fn(&str) + Send + 'static) -> u16 {
             if BufReader::new(&s).read_line(&mut line).is_err() {
                 continue;
             }
-            let action = line.split_whitespace().nth(1).unwrap_or("/").trim_start_matches('/').to_string();
+            let action = line
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or("/")
+                .trim_start_matches('/')
+                .to_string();
             act(&action);
             let _ = s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok");
         }
@@ -48,10 +53,18 @@ fn config(dir: &Path, body: &str) -> std::path::PathBuf {
 /// Prints what the kernel host asked for that the target refused, for the
 /// record (the closing note of the target-core issue cites it).
 fn report_refusals(srv: &Server, test: &str) {
-    for l in srv.log_text().lines().filter(|l| l.contains("admin command refused")) {
+    for l in srv
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("admin command refused"))
+    {
         eprintln!("[{test}] {l}");
     }
-    assert!(!srv.log_text().contains("panicked"), "target panicked:\n{}", srv.log_text());
+    assert!(
+        !srv.log_text().contains("panicked"),
+        "target panicked:\n{}",
+        srv.log_text()
+    );
 }
 
 const NQN: &str = "nqn.2026-11.dev.strata:interop";
@@ -131,7 +144,11 @@ nvme disconnect -n {NQN}
     // Both associations released their controllers on disconnect.
     std::thread::sleep(Duration::from_millis(300));
     let released = srv.log_text().matches("controller released").count();
-    assert!(released >= 2, "disconnect must release the controller; log:\n{}", srv.log_text());
+    assert!(
+        released >= 2,
+        "disconnect must release the controller; log:\n{}",
+        srv.log_text()
+    );
 }
 
 #[test]
@@ -147,7 +164,12 @@ fn multipath_two_listeners_and_ana_failover() {
         )
     };
     let cfg = config(dir.path(), &body("optimized"));
-    let srv = Arc::new(Mutex::new(Server::start_on(Some(&cfg), dir.path(), pa, free_port())));
+    let srv = Arc::new(Mutex::new(Server::start_on(
+        Some(&cfg),
+        dir.path(),
+        pa,
+        free_port(),
+    )));
     let s2 = srv.clone();
     let cfg2 = cfg.clone();
     let next = body("inaccessible");
@@ -209,7 +231,12 @@ fn target_restart_while_connected_host_reconnects_data_intact() {
             img.display()
         ),
     );
-    let srv = Arc::new(Mutex::new(Some(Server::start_on(Some(&cfg), dir.path(), p, d))));
+    let srv = Arc::new(Mutex::new(Some(Server::start_on(
+        Some(&cfg),
+        dir.path(),
+        p,
+        d,
+    ))));
     let s2 = srv.clone();
     let cfg2 = cfg.clone();
     let path = dir.path().to_path_buf();

@@ -3,9 +3,7 @@
 //!
 //! The binary is found as `$STRATA_BIN`, else `build/{release,debug}/strata`
 //! under the workspace root, else built with `cargo build --bin strata`.
-//! These tests are ignored until `strata serve` is on this branch (issue
-//! #2); run them with `cargo test -p strata-bench --test against_serve --
-//! --ignored` (optionally `STRATA_BIN=/path/to/strata`).
+//! `cargo test --workspace` builds it before any test runs.
 
 mod common;
 
@@ -54,7 +52,7 @@ fn strata_bin() -> PathBuf {
         return p;
     }
     let root = workspace_root();
-    for prof in ["release", "debug"] {
+    for prof in ["debug", "release"] {
         let p = root.join("build").join(prof).join("strata");
         if p.exists() && supports_serve(&p) {
             return p;
@@ -155,7 +153,6 @@ fn timed(rw: Rw, qd: u32, jobs: u32, ms: u64) -> JobSpec {
 }
 
 #[test]
-#[ignore = "needs strata serve (issue #2)"]
 fn serve_default_ram_namespace_read_and_write() {
     let dir = tempfile::tempdir().unwrap();
     let s = Serve::start(None, dir.path());
@@ -181,7 +178,6 @@ fn serve_default_ram_namespace_read_and_write() {
 }
 
 #[test]
-#[ignore = "needs strata serve (issue #2)"]
 fn serve_verify_catches_bytes_flipped_in_backing_file() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("ns1.img");
@@ -248,7 +244,6 @@ fn serve_verify_catches_bytes_flipped_in_backing_file() {
 /// in-process null target: the difference is what the real target makes
 /// the initiator do (more waiting and wake-ups), not codec cost.
 #[test]
-#[ignore = "needs strata serve (issue #2)"]
 fn serve_initiator_overhead_against_null_path() {
     let dir = tempfile::tempdir().unwrap();
     let s = Serve::start(None, dir.path());
@@ -268,7 +263,6 @@ fn serve_initiator_overhead_against_null_path() {
 }
 
 #[test]
-#[ignore = "needs strata serve (issue #2)"]
 fn serve_tier_search_basic() {
     let dir = tempfile::tempdir().unwrap();
     let s = Serve::start(None, dir.path());

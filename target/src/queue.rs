@@ -1236,7 +1236,11 @@ impl QueuePair {
     pub fn on_disconnect(&mut self) {
         match &self.role {
             Role2::Admin { ctrlr } => {
-                tracing::info!(cntlid = ctrlr.cntlid(), hostnqn = ctrlr.hostnqn(), "admin queue closed: controller released");
+                tracing::info!(
+                    cntlid = ctrlr.cntlid(),
+                    hostnqn = ctrlr.hostnqn(),
+                    "admin queue closed: controller released"
+                );
                 ctrlr.destroy();
             }
             // Frees the QID so the host can reconnect it after a transport error.

@@ -118,7 +118,9 @@ fn qemu_in_path() -> bool {
 /// True if the guest image is built and QEMU is installed.
 pub fn guest_available() -> bool {
     let c = guest_cache();
-    ["vmlinux", "initramfs.cpio", "bin/busybox", "READY"].iter().all(|f| c.join(f).exists())
+    ["vmlinux", "initramfs.cpio", "bin/busybox", "READY"]
+        .iter()
+        .all(|f| c.join(f).exists())
         && qemu_in_path()
 }
 
@@ -155,9 +157,16 @@ pub fn run_guest(script: &str, timeout: Duration) -> io::Result<GuestRun> {
 }
 
 /// [`run_guest`] with extra files, host NQN/ID and kernel arguments.
-pub fn run_guest_with(script: &str, timeout: Duration, opts: &GuestOptions) -> io::Result<GuestRun> {
+pub fn run_guest_with(
+    script: &str,
+    timeout: Duration,
+    opts: &GuestOptions,
+) -> io::Result<GuestRun> {
     if !guest_available() {
-        return Err(io::Error::new(io::ErrorKind::NotFound, guest_missing_message()));
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            guest_missing_message(),
+        ));
     }
     let tmp = TempDir::new()?;
     let script_path = tmp.path().join("test.sh");
@@ -227,7 +236,10 @@ struct TempDir(PathBuf);
 impl TempDir {
     fn new() -> io::Result<Self> {
         static N: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
         let p = std::env::temp_dir().join(format!(
             "strata-guest-{}-{}-{}",
             std::process::id(),
