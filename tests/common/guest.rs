@@ -208,7 +208,7 @@ pub fn run_guest_with(
         .lines()
         .filter_map(|l| l.strip_prefix("GUEST-EXIT="))
         .filter_map(|rest| rest.split_whitespace().next()?.parse::<i32>().ok())
-        .last();
+        .next_back();
     let rc = out.status.code().unwrap_or(-1);
     let exit_code = match marker {
         Some(code) => code,
