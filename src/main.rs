@@ -37,7 +37,7 @@ enum Cmd {
         reactors: Option<usize>,
     },
     /// Userspace NVMe/TCP load generator: run, tiers, compare (see docs/bench.md).
-    Bench(strata_bench::BenchArgs),
+    Bench(Box<strata_bench::BenchArgs>),
 }
 
 fn main() {
@@ -61,7 +61,7 @@ fn main() {
             discovery,
             reactors,
         }),
-        Cmd::Bench(args) => strata_bench::cli_main(args),
+        Cmd::Bench(args) => strata_bench::cli_main(*args),
     };
     if let Err(e) = r {
         eprintln!("strata: {e:#}");
