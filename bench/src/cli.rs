@@ -30,6 +30,8 @@ pub enum BenchCmd {
     Tiers(TiersArgs),
     /// Alternate two targets (A B A B …) and report B/A ratios.
     Compare(CompareArgs),
+    /// The target's codec + queue pair + controller path in process, no sockets.
+    Inproc(crate::inproc::InprocArgs),
 }
 
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -178,6 +180,7 @@ pub fn cli_main(args: BenchArgs) -> Result<()> {
         BenchCmd::Run(a) => cmd_run(a),
         BenchCmd::Tiers(a) => crate::tiers::cmd_tiers(a),
         BenchCmd::Compare(a) => crate::compare::cmd_compare(a),
+        BenchCmd::Inproc(a) => crate::inproc::cmd_inproc(a),
     }
 }
 

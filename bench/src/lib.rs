@@ -16,6 +16,7 @@ pub mod cli;
 pub mod compare;
 pub mod conn;
 pub mod initiator;
+pub mod inproc;
 pub mod job;
 pub mod load;
 pub mod minitarget;
