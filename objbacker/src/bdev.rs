@@ -108,10 +108,16 @@ impl BdevChannel for ObjChannel {
                     let shared = Arc::new(buf);
                     let bytes = Bytes::from_owner(SharedBuf(shared.clone())).slice(..len as usize);
                     let r = inner.write(off, bytes, fua).await;
-                    // Every slice of the buffer is dropped once the write
-                    // is done (PUT payloads included), so this normally
-                    // gets the buffer back.
-                    done(r.map_err(|_| IoError::WriteFault), Arc::try_unwrap(shared).ok());
+                    // Network stores drop the PUT payload once sent, so the
+                    // buffer comes back. A store that keeps the payload
+                    // (InMemory) keeps this memory too; the submitter then
+                    // gets a fresh buffer of the same size instead.
+                    let buf = Arc::try_unwrap(shared).unwrap_or_else(|kept| {
+                        let mut fresh = IoBuf::new(kept.capacity());
+                        fresh.set_len(kept.len());
+                        fresh
+                    });
+                    done(r.map_err(|_| IoError::WriteFault), Some(buf));
                 });
             }
             IoOp::Flush => {

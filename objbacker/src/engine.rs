@@ -119,7 +119,7 @@ struct State {
     objs: HashMap<u64, Obj>,
     /// Bytes held by Buf layers (object length each).
     dirty_bytes: u64,
-    next_gen: u64,
+    next_ver: u64,
     fail_seq: u64,
     busy_count: usize,
     cache: HashMap<u64, Cached>,
@@ -131,14 +131,13 @@ struct State {
 }
 
 impl State {
-    fn new_ver(&mut self) -> u64 {
-        self.next_gen += 1;
-        self.next_gen
-    }
-    /// Entry for `i`, created clean: everything up to now is durable.
-    fn entry(&mut self, i: u64) -> &mut Obj {
-        let base = self.next_gen;
-        self.objs.entry(i).or_insert_with(|| Obj {
+    /// Records a change to `i`: a new version newer than everything the
+    /// entry (possibly just created clean) already has.
+    fn touch(&mut self, i: u64) -> (u64, &mut Obj) {
+        let base = self.next_ver;
+        self.next_ver += 1;
+        let ver = self.next_ver;
+        let o = self.objs.entry(i).or_insert_with(|| Obj {
             dirty: None,
             dirty_since: Instant::now(),
             inflight: None,
@@ -146,7 +145,9 @@ impl State {
             ver: base,
             durable_ver: base,
             last_fail_seq: 0,
-        })
+        });
+        o.ver = ver;
+        (ver, o)
     }
     fn cleanup(&mut self, i: u64) {
         if self.objs.get(&i).is_some_and(|o| o.dirty.is_none() && !o.busy) {
@@ -233,7 +234,7 @@ impl Inner {
             state: Mutex::new(State {
                 objs: HashMap::new(),
                 dirty_bytes: 0,
-                next_gen: 0,
+                next_ver: 0,
                 fail_seq: 0,
                 busy_count: 0,
                 cache: HashMap::new(),
@@ -353,10 +354,7 @@ impl Inner {
                 let state = st.objs.get(&i).map(|o| (o.dirty.is_some(), o.busy));
                 match state {
                     None | Some((false, false)) => {
-                        let ver = st.new_ver();
-                        let o = st.entry(i);
-                        o.durable_ver = ver - 1;
-                        o.ver = ver;
+                        let (ver, o) = st.touch(i);
                         o.busy = true;
                         o.inflight = Some(Inflight::Put(data.clone()));
                         st.busy_count += 1;
@@ -417,8 +415,7 @@ impl Inner {
                     if !has_buf {
                         st.dirty_bytes += len;
                     }
-                    let ver = st.new_ver();
-                    let o = st.entry(i);
+                    let (ver, o) = st.touch(i);
                     let was_clean = o.dirty.is_none();
                     let layer = o.dirty.get_or_insert(Layer::Buf {
                         data: Vec::new(),
@@ -439,7 +436,6 @@ impl Inner {
                     buf[off as usize..off as usize + data.len()].copy_from_slice(data);
                     cov.insert(off, off + data.len() as u64);
                     let complete = cov.covers(0, len);
-                    o.ver = ver;
                     if was_clean {
                         o.dirty_since = Instant::now();
                     }
@@ -648,11 +644,9 @@ impl Inner {
             let mut st = self.lock();
             for (i, o, n, _) in self.geo.segments(off, len) {
                 if o == 0 && n == self.geo.obj_len(i) {
-                    let ver = st.new_ver();
-                    let obj = st.entry(i);
+                    let (ver, obj) = st.touch(i);
                     let was_clean = obj.dirty.is_none();
                     let old = obj.dirty.replace(Layer::Zero);
-                    obj.ver = ver;
                     if was_clean {
                         obj.dirty_since = Instant::now();
                     }

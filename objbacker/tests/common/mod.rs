@@ -38,7 +38,7 @@ pub fn test_cfg(buckets: Vec<String>, size: u64, obj: u64) -> ObjBackerConfig {
 }
 
 pub fn mem_urls(n: usize) -> Vec<String> {
-    (0..n).map(|k| format!("memory:///b{k}/dev")).collect()
+    (0..n).map(|k| format!("memory://b{k}/dev")).collect()
 }
 
 /// Deterministic pattern: byte at device offset `off` for generation `g`.
