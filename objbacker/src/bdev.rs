@@ -17,7 +17,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use strata_target::bdev::{Bdev, BdevChannel, BdevCompletion, BdevInfo, BdevIo, IoBuf, IoError, IoOp, check_range};
+use strata_target::bdev::{
+    Bdev, BdevChannel, BdevCompletion, BdevInfo, BdevIo, IoBuf, IoError, IoOp, check_range,
+};
 use tokio::sync::mpsc;
 
 use crate::ObjBacker;
@@ -135,14 +137,22 @@ impl BdevChannel for ObjChannel {
         }
     }
 
-    fn poll_completions(&mut self, cx: &mut Context<'_>, out: &mut Vec<BdevCompletion>) -> Poll<()> {
+    fn poll_completions(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut Vec<BdevCompletion>,
+    ) -> Poll<()> {
         let before = out.len();
         while let Poll::Ready(Some(c)) = self.rx.poll_recv(cx) {
             out.push(c);
         }
         let n = out.len() - before;
         self.in_flight = self.in_flight.saturating_sub(n);
-        if n > 0 { Poll::Ready(()) } else { Poll::Pending }
+        if n > 0 {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
     }
 
     fn in_flight(&self) -> usize {

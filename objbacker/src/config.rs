@@ -102,7 +102,9 @@ impl ObjBackerConfig {
             let parsed = url::Url::parse(u).map_err(|e| {
                 err(
                     "buckets",
-                    format!("bucket {i} `{u}` is not a URL ({e}); write it as scheme://bucket/prefix"),
+                    format!(
+                        "bucket {i} `{u}` is not a URL ({e}); write it as scheme://bucket/prefix"
+                    ),
                 )
             })?;
             if !SCHEMES.contains(&parsed.scheme()) {
@@ -117,7 +119,9 @@ impl ObjBackerConfig {
             if self.buckets[..i].contains(u) {
                 return Err(err(
                     "buckets",
-                    format!("bucket {i} `{u}` is listed twice; each stripe needs its own bucket or prefix"),
+                    format!(
+                        "bucket {i} `{u}` is listed twice; each stripe needs its own bucket or prefix"
+                    ),
                 ));
             }
         }
@@ -150,7 +154,10 @@ impl ObjBackerConfig {
         if self.max_in_flight == 0 || self.max_in_flight > 4096 {
             return Err(err(
                 "max_in_flight",
-                format!("{} is out of range; use 1..=4096 (default 64)", self.max_in_flight),
+                format!(
+                    "{} is out of range; use 1..=4096 (default 64)",
+                    self.max_in_flight
+                ),
             ));
         }
         if self.writeback_bytes < self.object_size {
@@ -165,7 +172,10 @@ impl ObjBackerConfig {
         if self.readahead_objects > 256 {
             return Err(err(
                 "readahead_objects",
-                format!("{} is too many; use 0..=256 (default 4)", self.readahead_objects),
+                format!(
+                    "{} is too many; use 0..=256 (default 4)",
+                    self.readahead_objects
+                ),
             ));
         }
         if self.request_timeout.is_zero() {
@@ -174,7 +184,9 @@ impl ObjBackerConfig {
         if self.retry_budget.is_zero() {
             return Err(err("retry_budget", "must be non-zero (default 30s)"));
         }
-        if self.retry_initial_backoff.is_zero() || self.retry_max_backoff < self.retry_initial_backoff {
+        if self.retry_initial_backoff.is_zero()
+            || self.retry_max_backoff < self.retry_initial_backoff
+        {
             return Err(err(
                 "retry_initial_backoff",
                 "must be non-zero and not larger than retry_max_backoff",
@@ -183,7 +195,10 @@ impl ObjBackerConfig {
         if self.max_io_bytes < self.block_size {
             return Err(err(
                 "max_io_bytes",
-                format!("{} is smaller than block_size {}", self.max_io_bytes, self.block_size),
+                format!(
+                    "{} is smaller than block_size {}",
+                    self.max_io_bytes, self.block_size
+                ),
             ));
         }
         Ok(())
@@ -206,18 +221,90 @@ mod tests {
     fn errors_name_the_field() {
         assert!(ok().validate().is_ok());
         let cases: Vec<(ObjBackerConfig, &str)> = vec![
-            (ObjBackerConfig { buckets: vec![], ..ok() }, "buckets"),
-            (ObjBackerConfig { buckets: vec!["ftp://x/y".into()], ..ok() }, "buckets"),
-            (ObjBackerConfig { buckets: vec!["memory:///a".into(), "memory:///a".into()], ..ok() }, "buckets"),
-            (ObjBackerConfig { object_size: 3 << 20, ..ok() }, "object_size"),
-            (ObjBackerConfig { object_size: 64 << 10, ..ok() }, "object_size"),
-            (ObjBackerConfig { object_size: 32 << 20, ..ok() }, "object_size"),
-            (ObjBackerConfig { block_size: 1024, ..ok() }, "block_size"),
-            (ObjBackerConfig { size_bytes: 4097, ..ok() }, "size_bytes"),
-            (ObjBackerConfig { size_bytes: 0, ..ok() }, "size_bytes"),
-            (ObjBackerConfig { max_in_flight: 0, ..ok() }, "max_in_flight"),
-            (ObjBackerConfig { writeback_bytes: 1, ..ok() }, "writeback_bytes"),
-            (ObjBackerConfig { retry_budget: Duration::ZERO, ..ok() }, "retry_budget"),
+            (
+                ObjBackerConfig {
+                    buckets: vec![],
+                    ..ok()
+                },
+                "buckets",
+            ),
+            (
+                ObjBackerConfig {
+                    buckets: vec!["ftp://x/y".into()],
+                    ..ok()
+                },
+                "buckets",
+            ),
+            (
+                ObjBackerConfig {
+                    buckets: vec!["memory:///a".into(), "memory:///a".into()],
+                    ..ok()
+                },
+                "buckets",
+            ),
+            (
+                ObjBackerConfig {
+                    object_size: 3 << 20,
+                    ..ok()
+                },
+                "object_size",
+            ),
+            (
+                ObjBackerConfig {
+                    object_size: 64 << 10,
+                    ..ok()
+                },
+                "object_size",
+            ),
+            (
+                ObjBackerConfig {
+                    object_size: 32 << 20,
+                    ..ok()
+                },
+                "object_size",
+            ),
+            (
+                ObjBackerConfig {
+                    block_size: 1024,
+                    ..ok()
+                },
+                "block_size",
+            ),
+            (
+                ObjBackerConfig {
+                    size_bytes: 4097,
+                    ..ok()
+                },
+                "size_bytes",
+            ),
+            (
+                ObjBackerConfig {
+                    size_bytes: 0,
+                    ..ok()
+                },
+                "size_bytes",
+            ),
+            (
+                ObjBackerConfig {
+                    max_in_flight: 0,
+                    ..ok()
+                },
+                "max_in_flight",
+            ),
+            (
+                ObjBackerConfig {
+                    writeback_bytes: 1,
+                    ..ok()
+                },
+                "writeback_bytes",
+            ),
+            (
+                ObjBackerConfig {
+                    retry_budget: Duration::ZERO,
+                    ..ok()
+                },
+                "retry_budget",
+            ),
         ];
         for (c, field) in cases {
             let e = c.validate().unwrap_err();

@@ -150,7 +150,11 @@ impl State {
         (ver, o)
     }
     fn cleanup(&mut self, i: u64) {
-        if self.objs.get(&i).is_some_and(|o| o.dirty.is_none() && !o.busy) {
+        if self
+            .objs
+            .get(&i)
+            .is_some_and(|o| o.dirty.is_none() && !o.busy)
+        {
             self.objs.remove(&i);
         }
     }
@@ -179,7 +183,8 @@ impl Geometry {
     }
     /// The last object is shorter when size is not a multiple of obj_size.
     pub fn obj_len(&self, i: u64) -> u64 {
-        self.obj_size.min(self.size.saturating_sub(i * self.obj_size))
+        self.obj_size
+            .min(self.size.saturating_sub(i * self.obj_size))
     }
     /// Splits [off, off+len) into (object, offset in object, length,
     /// offset in the request).
@@ -226,11 +231,11 @@ pub(crate) struct Inner {
 type R<T> = Result<T, EngErr>;
 
 impl Inner {
-    pub fn new(cfg: &ObjBackerConfig, buckets: Vec<Bucket>) -> Self {
+    pub fn new(cfg: &ObjBackerConfig, buckets: Vec<Bucket>, retry: Retrier) -> Self {
         Self {
             geo: Geometry::new(cfg.size_bytes, cfg.object_size),
             buckets,
-            retry: Retrier::new(cfg),
+            retry,
             state: Mutex::new(State {
                 objs: HashMap::new(),
                 dirty_bytes: 0,
@@ -334,7 +339,11 @@ impl Inner {
             }
         }
         if fua {
-            let waits = join_all(pending.into_iter().map(|(i, g)| self.ensure_durable(i, g, start_seq)));
+            let waits = join_all(
+                pending
+                    .into_iter()
+                    .map(|(i, g)| self.ensure_durable(i, g, start_seq)),
+            );
             for r in waits.await {
                 r?;
             }
@@ -379,7 +388,7 @@ impl Inner {
         };
         let res = self.store_put(i, data).await;
         let mut st = self.lock();
-        st.busy_count -= 1;
+        st.busy_count = st.busy_count.saturating_sub(1);
         if let Some(o) = st.objs.get_mut(&i) {
             o.busy = false;
             o.inflight = None;
@@ -454,7 +463,10 @@ impl Inner {
                 notified.as_mut().enable();
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                tracing::warn!("objbacker: write-back buffer full for {:?}", self.retry_budget);
+                tracing::warn!(
+                    "objbacker: write-back buffer full for {:?}",
+                    self.retry_budget
+                );
                 return Err(EngErr::Store);
             }
         }
@@ -502,7 +514,7 @@ impl Inner {
             let base = match base {
                 Ok(b) => b,
                 Err(e) => {
-                    st.busy_count -= 1;
+                    st.busy_count = st.busy_count.saturating_sub(1);
                     st.fail_seq += 1;
                     let seq = st.fail_seq;
                     if let Some(o) = st.objs.get_mut(&i) {
@@ -522,7 +534,8 @@ impl Inner {
                 Some(Layer::Buf { data, cov }) => {
                     if let Some(base) = base {
                         for (a, b) in cov.gaps(0, len) {
-                            data[a as usize..b as usize].copy_from_slice(&base[a as usize..b as usize]);
+                            data[a as usize..b as usize]
+                                .copy_from_slice(&base[a as usize..b as usize]);
                         }
                     }
                     *cov = Coverage::full(len);
@@ -533,7 +546,7 @@ impl Inner {
                 // Only the busy holder (us) removes the dirty layer.
                 None => {
                     o.busy = false;
-                    st.busy_count -= 1;
+                    st.busy_count = st.busy_count.saturating_sub(1);
                     st.cleanup(i);
                     drop(st);
                     self.changed.notify_waiters();
@@ -556,7 +569,7 @@ impl Inner {
             _ => self.store_delete(i).await,
         };
         let mut st = self.lock();
-        st.busy_count -= 1;
+        st.busy_count = st.busy_count.saturating_sub(1);
         let mut freed = false;
         let fail_seq = st.fail_seq + 1;
         if res.is_err() {
@@ -576,7 +589,7 @@ impl Inner {
             }
         }
         if freed {
-            st.dirty_bytes -= len;
+            st.dirty_bytes = st.dirty_bytes.saturating_sub(len);
         }
         st.cleanup(i);
         if st.objs.contains_key(&i) {
@@ -627,7 +640,12 @@ impl Inner {
             let snap: Vec<(u64, u64)> = st.objs.iter().map(|(&i, o)| (i, o.ver)).collect();
             (snap, st.fail_seq)
         };
-        let results = join_all(snapshot.into_iter().map(|(i, g)| self.ensure_durable(i, g, start_seq))).await;
+        let results = join_all(
+            snapshot
+                .into_iter()
+                .map(|(i, g)| self.ensure_durable(i, g, start_seq)),
+        )
+        .await;
         results.into_iter().collect()
     }
 
@@ -651,7 +669,7 @@ impl Inner {
                         obj.dirty_since = Instant::now();
                     }
                     if matches!(old, Some(Layer::Buf { .. })) {
-                        st.dirty_bytes -= self.geo.obj_len(i);
+                        st.dirty_bytes = st.dirty_bytes.saturating_sub(self.geo.obj_len(i));
                     }
                     whole.push((i, ver));
                 } else {
@@ -664,7 +682,11 @@ impl Inner {
             let zeros = vec![0u8; n as usize];
             self.write_partial(i, o, &zeros).await?;
         }
-        let waits = join_all(whole.into_iter().map(|(i, g)| self.ensure_durable(i, g, start_seq)));
+        let waits = join_all(
+            whole
+                .into_iter()
+                .map(|(i, g)| self.ensure_durable(i, g, start_seq)),
+        );
         for r in waits.await {
             r?;
         }
@@ -682,7 +704,12 @@ impl Inner {
             pieces.push((i, o, head));
             rest = tail;
         }
-        let results = join_all(pieces.into_iter().map(|(i, o, buf)| self.read_obj(i, o, buf))).await;
+        let results = join_all(
+            pieces
+                .into_iter()
+                .map(|(i, o, buf)| self.read_obj(i, o, buf)),
+        )
+        .await;
         for r in results {
             r?;
         }
@@ -765,7 +792,10 @@ impl Inner {
                 Some(g) => match g.get((x - lo) as usize..(y - lo) as usize) {
                     Some(src) => dst.copy_from_slice(src),
                     None => {
-                        tracing::error!("objbacker: object {} shorter than expected", bk.data_key(i));
+                        tracing::error!(
+                            "objbacker: object {} shorter than expected",
+                            bk.data_key(i)
+                        );
                         return Err(EngErr::Corrupt);
                     }
                 },
@@ -794,7 +824,10 @@ impl Inner {
             }
             let end = (last_obj + 1 + self.readahead as u64).min(self.geo.num_objects);
             for j in last_obj + 1..end {
-                if st.cache.contains_key(&j) || st.prefetching.contains_key(&j) || st.objs.contains_key(&j) {
+                if st.cache.contains_key(&j)
+                    || st.prefetching.contains_key(&j)
+                    || st.objs.contains_key(&j)
+                {
                     continue;
                 }
                 st.prefetching.insert(j, true);

@@ -25,8 +25,8 @@ pub use config::{ConfigError, ObjBackerConfig};
 pub use fault::{FaultConfig, FaultControl, FaultyStore, Latency};
 pub use store::ObjBackerStats;
 pub use superblock::{
-    BucketUsage, FormatOptions, FsckProblem, FsckReport, Info, Superblock, format, format_with_stores,
-    fsck, fsck_with_stores, info, info_with_stores,
+    BucketUsage, FormatOptions, FsckProblem, FsckReport, Info, Superblock, format,
+    format_with_stores, fsck, fsck_with_stores, info, info_with_stores,
 };
 
 /// Name of the superblock object under each bucket's prefix.
@@ -39,11 +39,17 @@ pub enum ObjError {
     Config(#[from] ConfigError),
     #[error("bucket {url}: {message}")]
     Store { url: String, message: String },
-    #[error("{url} is not formatted: no superblock at `{key}`; run `strata objbacker format` first")]
+    #[error(
+        "{url} is not formatted: no superblock at `{key}`; run `strata objbacker format` first"
+    )]
     NotFormatted { url: String, key: String },
-    #[error("{url} already holds a strata-objbacker device (uuid {uuid}); refusing to format over it without force")]
+    #[error(
+        "{url} already holds a strata-objbacker device (uuid {uuid}); refusing to format over it without force"
+    )]
     AlreadyFormatted { url: String, uuid: String },
-    #[error("{url} is not empty (`{key}` exists) and has no superblock; refusing to format over foreign data without force")]
+    #[error(
+        "{url} is not empty (`{key}` exists) and has no superblock; refusing to format over foreign data without force"
+    )]
     NotEmpty { url: String, key: String },
     #[error("superblock mismatch, attach refused: {0}")]
     Mismatch(String),
@@ -96,12 +102,19 @@ impl ObjBacker {
         Self::attach_buckets(cfg, buckets).await
     }
 
-    async fn attach_buckets(cfg: ObjBackerConfig, buckets: Vec<store::Bucket>) -> Result<Arc<Self>, ObjError> {
+    async fn attach_buckets(
+        cfg: ObjBackerConfig,
+        buckets: Vec<store::Bucket>,
+    ) -> Result<Arc<Self>, ObjError> {
         let probe = store::Retrier::new(&cfg);
         let superblock = superblock::check_attach(&cfg, &probe, &buckets).await?;
-        let inner = Arc::new(engine::Inner::new(&cfg, buckets));
+        // Same counters as the device, so attach-time retries show in stats().
+        let inner = Arc::new(engine::Inner::new(&cfg, buckets, probe));
         let handle = tokio::runtime::Handle::current();
-        let flusher = handle.spawn(engine::Inner::flusher(Arc::downgrade(&inner), cfg.max_in_flight));
+        let flusher = handle.spawn(engine::Inner::flusher(
+            Arc::downgrade(&inner),
+            cfg.max_in_flight,
+        ));
         let info = BdevInfo {
             name: cfg.name.clone(),
             block_size: cfg.block_size,
@@ -142,18 +155,27 @@ impl ObjBacker {
     /// Byte-addressed read (the bdev path uses the same engine).
     pub async fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
         self.check(off, buf.len() as u64)?;
-        self.inner.read(off, buf).await.map_err(|_| IoError::ReadError)
+        self.inner
+            .read(off, buf)
+            .await
+            .map_err(|_| IoError::ReadError)
     }
 
     pub async fn write_at(&self, off: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
         self.check(off, data.len() as u64)?;
-        self.inner.write(off, data, fua).await.map_err(|_| IoError::WriteFault)
+        self.inner
+            .write(off, data, fua)
+            .await
+            .map_err(|_| IoError::WriteFault)
     }
 
     /// Deallocate / write zeroes of a byte range.
     pub async fn zero_at(&self, off: u64, len: u64) -> Result<(), IoError> {
         self.check(off, len)?;
-        self.inner.zero(off, len).await.map_err(|_| IoError::WriteFault)
+        self.inner
+            .zero(off, len)
+            .await
+            .map_err(|_| IoError::WriteFault)
     }
 
     pub async fn flush(&self) -> Result<(), IoError> {

@@ -80,7 +80,9 @@ fn open_bucket(cfg: &ObjBackerConfig, url: &str) -> Result<Bucket, ObjError> {
     };
     let client = ClientOptions::new().with_timeout(cfg.request_timeout);
     let opt_err = |k: &str, e: object_store::Error| {
-        store_err(format!("store_options key `{k}` is not valid for this scheme: {e}"))
+        store_err(format!(
+            "store_options key `{k}` is not valid for this scheme: {e}"
+        ))
     };
     let bucket_name = parsed.host_str().unwrap_or_default().to_string();
     let (store, local_root): (Arc<dyn ObjectStore>, _) = match parsed.scheme() {
@@ -93,7 +95,10 @@ fn open_bucket(cfg: &ObjBackerConfig, url: &str) -> Result<Bucket, ObjError> {
                 let key: AmazonS3ConfigKey = k.parse().map_err(|e| opt_err(k, e))?;
                 b = b.with_config(key, v);
             }
-            (Arc::new(b.build().map_err(|e| store_err(e.to_string()))?), None)
+            (
+                Arc::new(b.build().map_err(|e| store_err(e.to_string()))?),
+                None,
+            )
         }
         "gs" | "gcs" => {
             let mut b = GoogleCloudStorageBuilder::from_env()
@@ -104,7 +109,10 @@ fn open_bucket(cfg: &ObjBackerConfig, url: &str) -> Result<Bucket, ObjError> {
                 let key: GoogleConfigKey = k.parse().map_err(|e| opt_err(k, e))?;
                 b = b.with_config(key, v);
             }
-            (Arc::new(b.build().map_err(|e| store_err(e.to_string()))?), None)
+            (
+                Arc::new(b.build().map_err(|e| store_err(e.to_string()))?),
+                None,
+            )
         }
         "az" | "azure" => {
             let mut b = MicrosoftAzureBuilder::from_env()
@@ -115,7 +123,10 @@ fn open_bucket(cfg: &ObjBackerConfig, url: &str) -> Result<Bucket, ObjError> {
                 let key: AzureConfigKey = k.parse().map_err(|e| opt_err(k, e))?;
                 b = b.with_config(key, v);
             }
-            (Arc::new(b.build().map_err(|e| store_err(e.to_string()))?), None)
+            (
+                Arc::new(b.build().map_err(|e| store_err(e.to_string()))?),
+                None,
+            )
         }
         "file" => {
             let dir = parsed
@@ -266,7 +277,10 @@ impl Retrier {
             let past_budget = deadline.is_none_or(|d| Instant::now() + sleep >= d);
             if past_budget {
                 self.stats.failures.fetch_add(1, Relaxed);
-                tracing::warn!("objbacker: {what} failed, retry budget {:?} spent: {e}", self.budget);
+                tracing::warn!(
+                    "objbacker: {what} failed, retry budget {:?} spent: {e}",
+                    self.budget
+                );
                 return Err(e);
             }
             self.stats.retries.fetch_add(1, Relaxed);
@@ -304,7 +318,12 @@ impl Retrier {
         }
     }
 
-    pub async fn put(&self, b: &Bucket, key: &Path, data: Bytes) -> Result<(), object_store::Error> {
+    pub async fn put(
+        &self,
+        b: &Bucket,
+        key: &Path,
+        data: Bytes,
+    ) -> Result<(), object_store::Error> {
         let len = data.len() as u64;
         self.run("PUT", || {
             let payload = PutPayload::from(data.clone());
@@ -335,8 +354,14 @@ impl Retrier {
 
 /// fsync the object file (after PUT) and its directory (PUT renames into it,
 /// DELETE unlinks from it), so a FLUSH on file:// survives power loss.
-async fn sync_local(root: &std::path::Path, key: &Path, file: bool) -> Result<(), object_store::Error> {
-    let path = key.parts().fold(root.to_path_buf(), |p, part| p.join(part.as_ref()));
+async fn sync_local(
+    root: &std::path::Path,
+    key: &Path,
+    file: bool,
+) -> Result<(), object_store::Error> {
+    let path = key
+        .parts()
+        .fold(root.to_path_buf(), |p, part| p.join(part.as_ref()));
     tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         if file {
             std::fs::File::open(&path)?.sync_all()?;

@@ -57,17 +57,41 @@ pub struct Info {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FsckProblem {
-    SuperblockMissing { bucket: String },
-    SuperblockUnreadable { bucket: String, detail: String },
-    SuperblockMismatch { bucket: String, detail: String },
+    SuperblockMissing {
+        bucket: String,
+    },
+    SuperblockUnreadable {
+        bucket: String,
+        detail: String,
+    },
+    SuperblockMismatch {
+        bucket: String,
+        detail: String,
+    },
     /// A data object whose index is past the end of the device.
-    BeyondDevice { bucket: String, key: String, index: u64 },
+    BeyondDevice {
+        bucket: String,
+        key: String,
+        index: u64,
+    },
     /// A data object in a bucket other than `index % buckets`.
-    WrongBucket { bucket: String, key: String, index: u64 },
+    WrongBucket {
+        bucket: String,
+        key: String,
+        index: u64,
+    },
     /// A data object whose length is not the object's length on the device.
-    WrongSize { bucket: String, key: String, size: u64, expected: u64 },
+    WrongSize {
+        bucket: String,
+        key: String,
+        size: u64,
+        expected: u64,
+    },
     /// A key under the prefix that this device never writes.
-    StrayKey { bucket: String, key: String },
+    StrayKey {
+        bucket: String,
+        key: String,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -89,7 +113,14 @@ pub(crate) fn new_uuid() -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 pub(crate) fn buckets_from_stores(
@@ -99,7 +130,11 @@ pub(crate) fn buckets_from_stores(
     if stores.len() != cfg.buckets.len() {
         return Err(ObjError::Store {
             url: cfg.buckets.join(","),
-            message: format!("{} stores given for {} bucket URLs", stores.len(), cfg.buckets.len()),
+            message: format!(
+                "{} stores given for {} bucket URLs",
+                stores.len(),
+                cfg.buckets.len()
+            ),
         });
     }
     cfg.buckets
@@ -125,7 +160,11 @@ fn store_err(b: &Bucket, e: impl std::fmt::Display) -> ObjError {
 
 async fn read_superblock(r: &Retrier, b: &Bucket) -> Result<Option<Superblock>, ObjError> {
     let key = b.superblock_key();
-    let Some(raw) = r.get(b, &key, 0..0, true).await.map_err(|e| store_err(b, e))? else {
+    let Some(raw) = r
+        .get(b, &key, 0..0, true)
+        .await
+        .map_err(|e| store_err(b, e))?
+    else {
         return Ok(None);
     };
     serde_json::from_slice(&raw)
@@ -146,7 +185,7 @@ async fn list_keys(b: &Bucket) -> Result<Vec<object_store::ObjectMeta>, ObjError
 }
 
 /// Name of `key` relative to the bucket prefix, if directly under it.
-fn leaf<'a>(b: &Bucket, key: &'a Path) -> Option<String> {
+fn leaf(b: &Bucket, key: &Path) -> Option<String> {
     let parts: Vec<_> = key.prefix_match(&b.prefix)?.collect();
     match parts.as_slice() {
         [one] => Some(one.as_ref().to_string()),
@@ -206,7 +245,9 @@ async fn format_buckets(
             }
         } else {
             for m in list_keys(b).await? {
-                r.delete(b, &m.location).await.map_err(|e| store_err(b, e))?;
+                r.delete(b, &m.location)
+                    .await
+                    .map_err(|e| store_err(b, e))?;
             }
         }
     }
@@ -257,7 +298,10 @@ pub(crate) async fn check_attach(
             )))
         };
         if sb.magic != MAGIC {
-            return mism(format!("superblock magic is `{}`, not `{MAGIC}`: not a strata-objbacker device", sb.magic));
+            return mism(format!(
+                "superblock magic is `{}`, not `{MAGIC}`: not a strata-objbacker device",
+                sb.magic
+            ));
         }
         if sb.format_version != FORMAT_VERSION {
             return mism(format!(
@@ -268,7 +312,11 @@ pub(crate) async fn check_attach(
         let fields: [(&str, u64, u64); 3] = [
             ("size_bytes", sb.size_bytes, cfg.size_bytes),
             ("object_size", sb.object_size, cfg.object_size),
-            ("block_size", u64::from(sb.block_size), u64::from(cfg.block_size)),
+            (
+                "block_size",
+                u64::from(sb.block_size),
+                u64::from(cfg.block_size),
+            ),
         ];
         for (name, formatted, configured) in fields {
             if formatted != configured {
@@ -311,7 +359,10 @@ pub async fn info(cfg: &ObjBackerConfig) -> Result<Info, ObjError> {
     info_buckets(cfg, open_buckets(cfg)?).await
 }
 
-pub async fn info_with_stores(cfg: &ObjBackerConfig, stores: Vec<Arc<dyn ObjectStore>>) -> Result<Info, ObjError> {
+pub async fn info_with_stores(
+    cfg: &ObjBackerConfig,
+    stores: Vec<Arc<dyn ObjectStore>>,
+) -> Result<Info, ObjError> {
     info_buckets(cfg, buckets_from_stores(cfg, stores)?).await
 }
 
@@ -321,10 +372,12 @@ async fn info_buckets(cfg: &ObjBackerConfig, buckets: Vec<Bucket>) -> Result<Inf
         url: String::new(),
         message: "no buckets configured".into(),
     })?;
-    let superblock = read_superblock(&r, b0).await?.ok_or_else(|| ObjError::NotFormatted {
-        url: b0.url.clone(),
-        key: b0.superblock_key().to_string(),
-    })?;
+    let superblock = read_superblock(&r, b0)
+        .await?
+        .ok_or_else(|| ObjError::NotFormatted {
+            url: b0.url.clone(),
+            key: b0.superblock_key().to_string(),
+        })?;
     let mut usage = Vec::new();
     for b in &buckets {
         let mut u = BucketUsage {
@@ -333,7 +386,11 @@ async fn info_buckets(cfg: &ObjBackerConfig, buckets: Vec<Bucket>) -> Result<Inf
             data_bytes: 0,
         };
         for m in list_keys(b).await? {
-            if leaf(b, &m.location).as_deref().and_then(data_index).is_some() {
+            if leaf(b, &m.location)
+                .as_deref()
+                .and_then(data_index)
+                .is_some()
+            {
                 u.data_objects += 1;
                 u.data_bytes += m.size;
             }
@@ -352,7 +409,10 @@ pub async fn fsck(cfg: &ObjBackerConfig) -> Result<FsckReport, ObjError> {
     fsck_buckets(cfg, open_buckets(cfg)?).await
 }
 
-pub async fn fsck_with_stores(cfg: &ObjBackerConfig, stores: Vec<Arc<dyn ObjectStore>>) -> Result<FsckReport, ObjError> {
+pub async fn fsck_with_stores(
+    cfg: &ObjBackerConfig,
+    stores: Vec<Arc<dyn ObjectStore>>,
+) -> Result<FsckReport, ObjError> {
     fsck_buckets(cfg, buckets_from_stores(cfg, stores)?).await
 }
 
@@ -364,7 +424,9 @@ async fn fsck_buckets(cfg: &ObjBackerConfig, buckets: Vec<Bucket>) -> Result<Fsc
         match read_superblock(&r, b).await {
             Ok(Some(sb)) => sbs.push(Some(sb)),
             Ok(None) => {
-                problems.push(FsckProblem::SuperblockMissing { bucket: b.url.clone() });
+                problems.push(FsckProblem::SuperblockMissing {
+                    bucket: b.url.clone(),
+                });
                 sbs.push(None);
             }
             Err(ObjError::BadSuperblock { message, .. }) => {
@@ -399,7 +461,10 @@ async fn fsck_buckets(cfg: &ObjBackerConfig, buckets: Vec<Bucket>) -> Result<Fsc
                 detail.push(format!("uuid {} != {}", c.uuid, sb.uuid));
             }
             if c.bucket_index != k {
-                detail.push(format!("records stripe {} but is listed as stripe {k}", c.bucket_index));
+                detail.push(format!(
+                    "records stripe {} but is listed as stripe {k}",
+                    c.bucket_index
+                ));
             }
             if (c.size_bytes, c.object_size, c.block_size, &c.buckets)
                 != (sb.size_bytes, sb.object_size, sb.block_size, &sb.buckets)
@@ -407,7 +472,10 @@ async fn fsck_buckets(cfg: &ObjBackerConfig, buckets: Vec<Bucket>) -> Result<Fsc
                 detail.push("geometry or bucket list differs from the other copies".into());
             }
             if sb.buckets != cfg.buckets {
-                detail.push(format!("formatted with buckets {:?}, config lists {:?}", sb.buckets, cfg.buckets));
+                detail.push(format!(
+                    "formatted with buckets {:?}, config lists {:?}",
+                    sb.buckets, cfg.buckets
+                ));
             }
             if !detail.is_empty() {
                 problems.push(FsckProblem::SuperblockMismatch {

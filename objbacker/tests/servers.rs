@@ -32,15 +32,16 @@ async fn start_s3s(root: &std::path::Path, auth: bool) -> SocketAddr {
     // GCS mode: the GCS client sends `Authorization: Bearer ` (empty, OAuth
     // disabled), which s3s rejects as a malformed S3 signature. Dropping it
     // is the whole of the compatibility shim.
-    let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-        let s = service.clone();
-        async move {
-            if !auth {
-                req.headers_mut().remove(hyper::header::AUTHORIZATION);
+    let service =
+        hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            let s = service.clone();
+            async move {
+                if !auth {
+                    req.headers_mut().remove(hyper::header::AUTHORIZATION);
+                }
+                hyper::service::Service::call(&s, req).await
             }
-            hyper::service::Service::call(&s, req).await
-        }
-    });
+        });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -49,7 +50,9 @@ async fn start_s3s(root: &std::path::Path, auth: bool) -> SocketAddr {
             let Ok((sock, _)) = listener.accept().await else {
                 continue;
             };
-            let conn = http.serve_connection(TokioIo::new(sock), service.clone()).into_owned();
+            let conn = http
+                .serve_connection(TokioIo::new(sock), service.clone())
+                .into_owned();
             tokio::spawn(async move {
                 let _ = conn.await;
             });
@@ -62,9 +65,16 @@ async fn start_s3s(root: &std::path::Path, auth: bool) -> SocketAddr {
 /// each bucket with object_store directly → read back → partial write (RMW)
 /// → fsck → TRIM everything → list again. `inspect[k]` sees bucket k with
 /// data keys under `key_prefix`.
-async fn round_trip(label: &str, cfg: ObjBackerConfig, inspect: Vec<Arc<dyn ObjectStore>>, key_prefix: &str) {
+async fn round_trip(
+    label: &str,
+    cfg: ObjBackerConfig,
+    inspect: Vec<Arc<dyn ObjectStore>>,
+    key_prefix: &str,
+) {
     let t0 = Instant::now();
-    format(&cfg, FormatOptions::default()).await.expect("format");
+    format(&cfg, FormatOptions::default())
+        .await
+        .expect("format");
     let dev = ObjBacker::attach(cfg.clone()).await.expect("attach");
     let mut h = Host::new(&dev);
     let size = 8 * MIB;
@@ -74,7 +84,12 @@ async fn round_trip(label: &str, cfg: ObjBackerConfig, inspect: Vec<Arc<dyn Obje
     let ios = (0..8u64)
         .map(|i| {
             let off = i * MIB;
-            (IoOp::Write { fua: false }, off, MIB, Some(IoBuf::from_slice(&data[off as usize..(off + MIB) as usize])))
+            (
+                IoOp::Write { fua: false },
+                off,
+                MIB,
+                Some(IoBuf::from_slice(&data[off as usize..(off + MIB) as usize])),
+            )
         })
         .collect();
     for c in h.batch(ios).await {
@@ -92,25 +107,52 @@ async fn round_trip(label: &str, cfg: ObjBackerConfig, inspect: Vec<Arc<dyn Obje
         }
     };
     for (k, store) in inspect.iter().enumerate() {
-        let listed = list(store.as_ref(), (!key_prefix.is_empty()).then_some(key_prefix)).await;
-        let data_keys: Vec<(String, u64)> = listed.into_iter().filter(|(n, _)| !n.ends_with("superblock.json")).collect();
-        let want: Vec<(String, u64)> = (0..8u64).filter(|i| i % BUCKETS as u64 == k as u64).map(|i| (key(i), MIB)).collect();
+        let listed = list(
+            store.as_ref(),
+            (!key_prefix.is_empty()).then_some(key_prefix),
+        )
+        .await;
+        let data_keys: Vec<(String, u64)> = listed
+            .into_iter()
+            .filter(|(n, _)| !n.ends_with("superblock.json"))
+            .collect();
+        let want: Vec<(String, u64)> = (0..8u64)
+            .filter(|i| i % BUCKETS as u64 == k as u64)
+            .map(|i| (key(i), MIB))
+            .collect();
         assert_eq!(data_keys, want, "{label}: bucket {k} objects");
     }
 
     let t = Instant::now();
-    assert_same(&h.read(0, size).await.unwrap(), &data, &format!("{label}: read back"));
+    assert_same(
+        &h.read(0, size).await.unwrap(),
+        &data,
+        &format!("{label}: read back"),
+    );
     let read_t = t.elapsed();
     // Ranged GET path.
-    assert_same(&h.read(3 * MIB + 4096, 8192).await.unwrap(), &data[(3 * MIB + 4096) as usize..(3 * MIB + 12288) as usize], label);
+    assert_same(
+        &h.read(3 * MIB + 4096, 8192).await.unwrap(),
+        &data[(3 * MIB + 4096) as usize..(3 * MIB + 12288) as usize],
+        label,
+    );
 
     // A partial write: read-modify-write against the server.
     h.write(5 * MIB + 8192, &[0x5A; 4096], false).await.unwrap();
     h.flush().await.unwrap();
-    let obj5 = get(inspect[5 % BUCKETS].as_ref(), &key(5)).await.expect("object 5");
+    let obj5 = get(inspect[5 % BUCKETS].as_ref(), &key(5))
+        .await
+        .expect("object 5");
     assert_eq!(obj5.len() as u64, MIB);
-    assert!(obj5[8192..12288].iter().all(|&x| x == 0x5A), "{label}: RMW applied");
-    assert_same(&obj5[..8192], &data[(5 * MIB) as usize..(5 * MIB + 8192) as usize], &format!("{label}: RMW kept old bytes"));
+    assert!(
+        obj5[8192..12288].iter().all(|&x| x == 0x5A),
+        "{label}: RMW applied"
+    );
+    assert_same(
+        &obj5[..8192],
+        &data[(5 * MIB) as usize..(5 * MIB + 8192) as usize],
+        &format!("{label}: RMW kept old bytes"),
+    );
 
     let report = fsck(&cfg).await.expect("fsck");
     assert!(report.is_clean(), "{label}: fsck {:?}", report.problems);
@@ -120,12 +162,18 @@ async fn round_trip(label: &str, cfg: ObjBackerConfig, inspect: Vec<Arc<dyn Obje
 
     h.trim(0, size).await.unwrap();
     for (k, store) in inspect.iter().enumerate() {
-        let left: Vec<String> = list(store.as_ref(), (!key_prefix.is_empty()).then_some(key_prefix))
-            .await
-            .into_iter()
-            .map(|x| x.0)
-            .collect();
-        assert!(left.iter().all(|n| n.ends_with("superblock.json")), "{label}: bucket {k} after TRIM: {left:?}");
+        let left: Vec<String> = list(
+            store.as_ref(),
+            (!key_prefix.is_empty()).then_some(key_prefix),
+        )
+        .await
+        .into_iter()
+        .map(|x| x.0)
+        .collect();
+        assert!(
+            left.iter().all(|n| n.ends_with("superblock.json")),
+            "{label}: bucket {k} after TRIM: {left:?}"
+        );
     }
     assert_eq!(h.read(0, MIB).await.unwrap(), vec![0; MIB as usize]);
     eprintln!(
@@ -139,7 +187,10 @@ async fn round_trip(label: &str, cfg: ObjBackerConfig, inspect: Vec<Arc<dyn Obje
 
 fn base_cfg(buckets: Vec<String>, options: Vec<(&str, String)>) -> ObjBackerConfig {
     let mut cfg = test_cfg(buckets, 8 * MIB, MIB);
-    cfg.store_options = options.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    cfg.store_options = options
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
     cfg.writeback_bytes = 16 * MIB;
     cfg.readahead_objects = 2;
     cfg
@@ -163,7 +214,12 @@ async fn s3_s3s_fs_three_buckets() {
         ("aws_access_key_id", AK.into()),
         ("aws_secret_access_key", SK.into()),
     ];
-    let cfg = base_cfg((0..BUCKETS).map(|k| format!("s3://strata-{k}/vol1")).collect(), opts);
+    let cfg = base_cfg(
+        (0..BUCKETS)
+            .map(|k| format!("s3://strata-{k}/vol1"))
+            .collect(),
+        opts,
+    );
     let inspect = (0..BUCKETS)
         .map(|k| {
             Arc::new(
@@ -194,7 +250,8 @@ async fn s3_s3s_fs_three_buckets() {
 /// A service-account key with OAuth disabled: without it the GCS client
 /// asks the cloud metadata service for a token, which must never be
 /// contacted from a test.
-const GCS_NO_OAUTH: &str = r#"{"disable_oauth":true,"client_email":"","private_key":"","private_key_id":""}"#;
+const GCS_NO_OAUTH: &str =
+    r#"{"disable_oauth":true,"client_email":"","private_key":"","private_key_id":""}"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gcs_client_against_s3_compatible_xml_api() {
@@ -211,7 +268,10 @@ async fn gcs_client_against_s3_compatible_xml_api() {
         ("google_service_account_key", GCS_NO_OAUTH.into()),
         ("allow_http", "true".into()),
     ];
-    let cfg = base_cfg((0..BUCKETS).map(|k| format!("gs://gcs-{k}/vol1")).collect(), opts);
+    let cfg = base_cfg(
+        (0..BUCKETS).map(|k| format!("gs://gcs-{k}/vol1")).collect(),
+        opts,
+    );
     let inspect = (0..BUCKETS)
         .map(|k| {
             Arc::new(
@@ -231,13 +291,16 @@ async fn gcs_client_against_s3_compatible_xml_api() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_directory_three_buckets() {
     let root = tempfile::tempdir().unwrap();
-    let urls: Vec<String> = (0..BUCKETS).map(|k| format!("file://{}/bucket-{k}", root.path().display())).collect();
+    let urls: Vec<String> = (0..BUCKETS)
+        .map(|k| format!("file://{}/bucket-{k}", root.path().display()))
+        .collect();
     let cfg = base_cfg(urls, vec![]);
     let inspect = (0..BUCKETS)
         .map(|k| {
             let dir = root.path().join(format!("bucket-{k}"));
             std::fs::create_dir_all(&dir).unwrap();
-            Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir).unwrap()) as Arc<dyn ObjectStore>
+            Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir).unwrap())
+                as Arc<dyn ObjectStore>
         })
         .collect();
     round_trip("local directory", cfg, inspect, "").await;
@@ -247,7 +310,8 @@ async fn local_directory_three_buckets() {
 
 const AZ_ACCOUNT: &str = "devstoreaccount1";
 /// Azurite's well-known development key (public, in Microsoft's docs).
-const AZ_KEY: &str = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+const AZ_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 
 struct KillOnDrop(Child);
 
@@ -259,23 +323,36 @@ impl Drop for KillOnDrop {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Creates a container with a SharedKey-signed `PUT ?restype=container`:
 /// object_store has no call for it.
 async fn az_create_container(port: u16, container: &str) {
     use base64::Engine;
-    let date = chrono::Utc::now().format("%a, %d %b %Y %H:%M:%S GMT").to_string();
+    let date = chrono::Utc::now()
+        .format("%a, %d %b %Y %H:%M:%S GMT")
+        .to_string();
     let version = "2021-08-06";
     let to_sign = format!(
         "PUT\n\n\n\n\n\n\n\n\n\n\n\nx-ms-date:{date}\nx-ms-version:{version}\n/{AZ_ACCOUNT}/{AZ_ACCOUNT}/{container}\nrestype:container"
     );
-    let key = base64::engine::general_purpose::STANDARD.decode(AZ_KEY).unwrap();
-    let tag = ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key), to_sign.as_bytes());
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(AZ_KEY)
+        .unwrap();
+    let tag = ring::hmac::sign(
+        &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key),
+        to_sign.as_bytes(),
+    );
     let sig = base64::engine::general_purpose::STANDARD.encode(tag.as_ref());
     let resp = reqwest::Client::new()
-        .put(format!("http://127.0.0.1:{port}/{AZ_ACCOUNT}/{container}?restype=container"))
+        .put(format!(
+            "http://127.0.0.1:{port}/{AZ_ACCOUNT}/{container}?restype=container"
+        ))
         .header("x-ms-date", date)
         .header("x-ms-version", version)
         .header("Authorization", format!("SharedKey {AZ_ACCOUNT}:{sig}"))
@@ -283,7 +360,12 @@ async fn az_create_container(port: u16, container: &str) {
         .send()
         .await
         .expect("create container request");
-    assert!(resp.status().is_success(), "create container {container}: {} {:?}", resp.status(), resp.text().await);
+    assert!(
+        resp.status().is_success(),
+        "create container {container}: {} {:?}",
+        resp.status(),
+        resp.text().await
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -293,7 +375,13 @@ async fn azure_azurite_three_containers() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let child = Command::new("azurite-blob")
-        .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string(), "-l"])
+        .args([
+            "--blobHost",
+            "127.0.0.1",
+            "--blobPort",
+            &port.to_string(),
+            "-l",
+        ])
         .arg(dir.path())
         .arg("--skipApiVersionCheck")
         .stdout(Stdio::null())
@@ -306,8 +394,14 @@ async fn azure_azurite_three_containers() {
         ),
     };
     let t = Instant::now();
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        assert!(t.elapsed() < Duration::from_secs(30), "azurite-blob did not listen on {port} within 30s");
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "azurite-blob did not listen on {port} within 30s"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for k in 0..BUCKETS {
@@ -320,7 +414,12 @@ async fn azure_azurite_three_containers() {
         ("azure_storage_endpoint", endpoint.clone()),
         ("allow_http", "true".into()),
     ];
-    let cfg = base_cfg((0..BUCKETS).map(|k| format!("az://strata-{k}/vol1")).collect(), opts);
+    let cfg = base_cfg(
+        (0..BUCKETS)
+            .map(|k| format!("az://strata-{k}/vol1"))
+            .collect(),
+        opts,
+    );
     let inspect = (0..BUCKETS)
         .map(|k| {
             Arc::new(

@@ -68,7 +68,10 @@ impl Host {
     }
 
     /// Submits all, returns completions in tag order.
-    pub async fn batch(&mut self, ios: Vec<(IoOp, u64, u64, Option<IoBuf>)>) -> Vec<BdevCompletion> {
+    pub async fn batch(
+        &mut self,
+        ios: Vec<(IoOp, u64, u64, Option<IoBuf>)>,
+    ) -> Vec<BdevCompletion> {
         let n = ios.len();
         let first = self.next_tag;
         for (op, off, len, buf) in ios {
@@ -88,7 +91,11 @@ impl Host {
             let mut out = Vec::new();
             while self.ch.poll_completions(cx, &mut out).is_ready() {}
             got.append(&mut out);
-            if got.len() >= n { Poll::Ready(()) } else { Poll::Pending }
+            if got.len() >= n {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
         })
         .await;
         got.sort_by_key(|c| c.tag);
@@ -96,20 +103,33 @@ impl Host {
         got
     }
 
-    pub async fn one(&mut self, op: IoOp, off: u64, len: u64, buf: Option<IoBuf>) -> BdevCompletion {
+    pub async fn one(
+        &mut self,
+        op: IoOp,
+        off: u64,
+        len: u64,
+        buf: Option<IoBuf>,
+    ) -> BdevCompletion {
         self.batch(vec![(op, off, len, buf)]).await.remove(0)
     }
 
     pub async fn write(&mut self, off: u64, data: &[u8], fua: bool) -> Result<(), IoError> {
         let c = self
-            .one(IoOp::Write { fua }, off, data.len() as u64, Some(IoBuf::from_slice(data)))
+            .one(
+                IoOp::Write { fua },
+                off,
+                data.len() as u64,
+                Some(IoBuf::from_slice(data)),
+            )
             .await;
         assert!(c.buf.is_some(), "write buffer handed back");
         c.result
     }
 
     pub async fn read(&mut self, off: u64, len: u64) -> Result<Vec<u8>, IoError> {
-        let c = self.one(IoOp::Read, off, len, Some(IoBuf::new(len as usize))).await;
+        let c = self
+            .one(IoOp::Read, off, len, Some(IoBuf::new(len as usize)))
+            .await;
         c.result?;
         let buf = c.buf.expect("read buffer handed back");
         Ok(buf[..len as usize].to_vec())
@@ -149,6 +169,9 @@ pub async fn get(store: &dyn ObjectStore, key: &str) -> Option<Vec<u8>> {
 pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
-        panic!("{what}: first difference at byte {i} (got {}, want {})", got[i], want[i]);
+        panic!(
+            "{what}: first difference at byte {i} (got {}, want {})",
+            got[i], want[i]
+        );
     }
 }
