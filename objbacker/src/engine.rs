@@ -1,0 +1,958 @@
+//! The write-back engine: per-object state, read/write/zero/flush.
+//!
+//! Invariants (see docs/objbacker.md for the reasoning):
+//! - An object has at most one store mutation (PUT or DELETE) in flight
+//!   (`busy`), so an older PUT can never land after a newer one.
+//! - Every change gets a device-wide increasing generation. `durable_ver`
+//!   is the newest generation of the object known to be in the store; an
+//!   object with no entry in `objs` is clean (everything durable).
+//! - Reads stack: dirty layer (newest) over in-flight layer over read-ahead
+//!   cache or store. What a read takes from the dirty layer is copied at the
+//!   read's start, so a write-back finishing mid-read cannot hide it.
+//! - The state lock is a std Mutex never held across an await.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::future::join_all;
+use tokio::sync::Notify;
+
+use crate::config::ObjBackerConfig;
+use crate::store::{Bucket, Retrier};
+
+/// Sorted, merged, half-open byte ranges within one object.
+#[derive(Default, Clone, Debug)]
+pub(crate) struct Coverage(Vec<(u64, u64)>);
+
+impl Coverage {
+    fn full(len: u64) -> Self {
+        Coverage(vec![(0, len)])
+    }
+    fn insert(&mut self, a: u64, b: u64) {
+        if a >= b {
+            return;
+        }
+        let (mut a, mut b) = (a, b);
+        let mut out = Vec::with_capacity(self.0.len() + 1);
+        let mut placed = false;
+        for &(x, y) in &self.0 {
+            if y < a {
+                out.push((x, y));
+            } else if x > b {
+                if !placed {
+                    out.push((a, b));
+                    placed = true;
+                }
+                out.push((x, y));
+            } else {
+                a = a.min(x);
+                b = b.max(y);
+            }
+        }
+        if !placed {
+            out.push((a, b));
+        }
+        self.0 = out;
+    }
+    fn covers(&self, a: u64, b: u64) -> bool {
+        a >= b || self.0.iter().any(|&(x, y)| x <= a && b <= y)
+    }
+    /// Covered parts of [a, b).
+    fn within(&self, a: u64, b: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.0
+            .iter()
+            .map(move |&(x, y)| (x.max(a), y.min(b)))
+            .filter(|(x, y)| x < y)
+    }
+    /// Uncovered parts of [a, b).
+    fn gaps(&self, a: u64, b: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut pos = a;
+        for (x, y) in self.within(a, b) {
+            if x > pos {
+                out.push((pos, x));
+            }
+            pos = y;
+        }
+        if pos < b {
+            out.push((pos, b));
+        }
+        out
+    }
+}
+
+/// Newest not-yet-durable content of an object.
+pub(crate) enum Layer {
+    /// Object-sized buffer; bytes outside `cov` are not yet known (they
+    /// are whatever the store holds) and are zero in `data`.
+    Buf { data: Vec<u8>, cov: Coverage },
+    /// The whole object is zero: written back as DELETE.
+    Zero,
+}
+
+/// Content being made durable right now.
+enum Inflight {
+    Put(Bytes),
+    Delete,
+}
+
+struct Obj {
+    dirty: Option<Layer>,
+    dirty_since: Instant,
+    inflight: Option<Inflight>,
+    busy: bool,
+    ver: u64,
+    durable_ver: u64,
+    /// fail_seq of this object's last failed write-back.
+    last_fail_seq: u64,
+}
+
+enum Cached {
+    Data(Bytes),
+    Zero,
+}
+
+struct State {
+    objs: HashMap<u64, Obj>,
+    /// Bytes held by Buf layers (object length each).
+    dirty_bytes: u64,
+    next_ver: u64,
+    fail_seq: u64,
+    busy_count: usize,
+    cache: HashMap<u64, Cached>,
+    cache_order: VecDeque<u64>,
+    /// Read-ahead GETs in flight; false once a mutation made them stale.
+    prefetching: HashMap<u64, bool>,
+    last_read_end: u64,
+    seq_run: u32,
+}
+
+impl State {
+    /// Records a change to `i`: a new version newer than everything the
+    /// entry (possibly just created clean) already has.
+    fn touch(&mut self, i: u64) -> (u64, &mut Obj) {
+        let base = self.next_ver;
+        self.next_ver += 1;
+        let ver = self.next_ver;
+        let o = self.objs.entry(i).or_insert_with(|| Obj {
+            dirty: None,
+            dirty_since: Instant::now(),
+            inflight: None,
+            busy: false,
+            ver: base,
+            durable_ver: base,
+            last_fail_seq: 0,
+        });
+        o.ver = ver;
+        (ver, o)
+    }
+    fn cleanup(&mut self, i: u64) {
+        if self
+            .objs
+            .get(&i)
+            .is_some_and(|o| o.dirty.is_none() && !o.busy)
+        {
+            self.objs.remove(&i);
+        }
+    }
+    /// A store mutation of `i` is starting: cached store content is stale.
+    fn invalidate(&mut self, i: u64) {
+        self.cache.remove(&i);
+        if let Some(valid) = self.prefetching.get_mut(&i) {
+            *valid = false;
+        }
+    }
+}
+
+pub(crate) struct Geometry {
+    pub size: u64,
+    pub obj_size: u64,
+    pub num_objects: u64,
+}
+
+impl Geometry {
+    pub fn new(size: u64, obj_size: u64) -> Self {
+        Self {
+            size,
+            obj_size,
+            num_objects: size.div_ceil(obj_size),
+        }
+    }
+    /// The last object is shorter when size is not a multiple of obj_size.
+    pub fn obj_len(&self, i: u64) -> u64 {
+        self.obj_size
+            .min(self.size.saturating_sub(i * self.obj_size))
+    }
+    /// Splits [off, off+len) into (object, offset in object, length,
+    /// offset in the request).
+    fn segments(&self, off: u64, len: u64) -> Vec<(u64, u64, u64, u64)> {
+        let mut out = Vec::new();
+        let mut pos = off;
+        let end = off + len;
+        while pos < end {
+            let i = pos / self.obj_size;
+            let o = pos % self.obj_size;
+            let n = (self.obj_len(i) - o).min(end - pos);
+            out.push((i, o, n, pos - off));
+            pos += n;
+        }
+        out
+    }
+}
+
+/// Why an operation failed; mapped to an NVMe status by the bdev layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EngErr {
+    Store,
+    Corrupt,
+}
+
+pub(crate) struct Inner {
+    pub geo: Geometry,
+    pub buckets: Vec<Bucket>,
+    pub retry: Retrier,
+    state: Mutex<State>,
+    /// Any object finished a mutation, a prefetch landed, or buffer space
+    /// was freed. Waiters re-check their condition.
+    changed: Notify,
+    /// Wakes the background flusher.
+    kick: Notify,
+    writeback_bytes: u64,
+    writeback_delay: Duration,
+    readahead: usize,
+    retry_budget: Duration,
+    /// Test hook: once set, no store mutation starts (simulated kill -9).
+    crashed: std::sync::atomic::AtomicBool,
+}
+
+type R<T> = Result<T, EngErr>;
+
+impl Inner {
+    pub fn new(cfg: &ObjBackerConfig, buckets: Vec<Bucket>, retry: Retrier) -> Self {
+        Self {
+            geo: Geometry::new(cfg.size_bytes, cfg.object_size),
+            buckets,
+            retry,
+            state: Mutex::new(State {
+                objs: HashMap::new(),
+                dirty_bytes: 0,
+                next_ver: 0,
+                fail_seq: 0,
+                busy_count: 0,
+                cache: HashMap::new(),
+                cache_order: VecDeque::new(),
+                prefetching: HashMap::new(),
+                last_read_end: u64::MAX,
+                seq_run: 0,
+            }),
+            changed: Notify::new(),
+            kick: Notify::new(),
+            writeback_bytes: cfg.writeback_bytes,
+            writeback_delay: cfg.writeback_delay,
+            readahead: cfg.readahead_objects,
+            retry_budget: cfg.retry_budget,
+            crashed: Default::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave State half-updated in
+        // a way that matters more than refusing all further I/O would.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bucket(&self, i: u64) -> &Bucket {
+        &self.buckets[(i % self.buckets.len() as u64) as usize]
+    }
+
+    pub fn crash(&self) {
+        self.crashed.store(true, Relaxed);
+    }
+
+    pub fn dirty_bytes(&self) -> u64 {
+        self.lock().dirty_bytes
+    }
+
+    async fn store_put(&self, i: u64, data: Bytes) -> R<()> {
+        if self.crashed.load(Relaxed) {
+            return Err(EngErr::Store);
+        }
+        let b = self.bucket(i);
+        self.retry
+            .put(b, &b.data_key(i), data)
+            .await
+            .map_err(|_| EngErr::Store)
+    }
+
+    async fn store_delete(&self, i: u64) -> R<()> {
+        if self.crashed.load(Relaxed) {
+            return Err(EngErr::Store);
+        }
+        let b = self.bucket(i);
+        self.retry
+            .delete(b, &b.data_key(i))
+            .await
+            .map_err(|_| EngErr::Store)
+    }
+
+    /// Whole object as stored; None if never written.
+    async fn store_get_whole(&self, i: u64) -> R<Option<Bytes>> {
+        let b = self.bucket(i);
+        let len = self.geo.obj_len(i);
+        match self.retry.get(b, &b.data_key(i), 0..len, true).await {
+            Ok(Some(v)) if v.len() as u64 != len => {
+                tracing::error!(
+                    "objbacker: object {} is {} bytes, expected {len}: not written by this device",
+                    b.data_key(i),
+                    v.len()
+                );
+                Err(EngErr::Corrupt)
+            }
+            Ok(v) => Ok(v),
+            Err(_) => Err(EngErr::Store),
+        }
+    }
+
+    // ---------------------------------------------------------------- write
+
+    pub async fn write(self: &Arc<Self>, off: u64, data: Bytes, fua: bool) -> R<()> {
+        let start_seq = self.lock().fail_seq;
+        let segs = self.geo.segments(off, data.len() as u64);
+        let results = join_all(segs.into_iter().map(|(i, o, n, d)| {
+            let piece = data.slice(d as usize..(d + n) as usize);
+            async move {
+                if o == 0 && n == self.geo.obj_len(i) {
+                    self.write_whole(i, piece).await
+                } else {
+                    self.write_partial(i, o, &piece).await.map(Some)
+                }
+            }
+        }))
+        .await;
+        let mut pending = Vec::new();
+        for r in results {
+            if let Some(g) = r? {
+                pending.push(g);
+            }
+        }
+        if fua {
+            let waits = join_all(
+                pending
+                    .into_iter()
+                    .map(|(i, g)| self.ensure_durable(i, g, start_seq)),
+            );
+            for r in waits.await {
+                r?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A whole, aligned object: PUT straight from the host buffer when the
+    /// object is clean and idle. Returns (object, ver) if it was buffered
+    /// instead and so is not durable yet.
+    async fn write_whole(&self, i: u64, data: Bytes) -> R<Option<(u64, u64)>> {
+        let ver = loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            let buffered = {
+                let mut st = self.lock();
+                let state = st.objs.get(&i).map(|o| (o.dirty.is_some(), o.busy));
+                match state {
+                    None | Some((false, false)) => {
+                        let (ver, o) = st.touch(i);
+                        o.busy = true;
+                        o.inflight = Some(Inflight::Put(data.clone()));
+                        st.busy_count += 1;
+                        st.invalidate(i);
+                        break ver;
+                    }
+                    // An older dirty layer exists: overlay it so the write
+                    // supersedes it in one place, and let write-back PUT it.
+                    Some((true, _)) => true,
+                    // Only a PUT/DELETE in flight: wait for it, so this
+                    // newer PUT cannot be overtaken by it.
+                    Some((false, true)) => {
+                        notified.as_mut().enable();
+                        false
+                    }
+                }
+            };
+            if buffered {
+                return self.write_partial(i, 0, &data).await.map(Some);
+            }
+            notified.await;
+        };
+        let res = self.store_put(i, data).await;
+        let mut st = self.lock();
+        st.busy_count = st.busy_count.saturating_sub(1);
+        if let Some(o) = st.objs.get_mut(&i) {
+            o.busy = false;
+            o.inflight = None;
+            if res.is_ok() {
+                o.durable_ver = o.durable_ver.max(ver);
+            }
+            // On failure nothing acknowledged is lost: the object was clean
+            // before, and this write itself completes with an error.
+        }
+        st.cleanup(i);
+        if st.objs.contains_key(&i) {
+            self.kick.notify_one();
+        }
+        drop(st);
+        self.changed.notify_waiters();
+        res.map(|()| None)
+    }
+
+    /// Copies into the write-back buffer, waiting (bounded) for space.
+    async fn write_partial(&self, i: u64, off: u64, data: &[u8]) -> R<(u64, u64)> {
+        let len = self.geo.obj_len(i);
+        let deadline = tokio::time::Instant::now() + self.retry_budget;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            {
+                let mut st = self.lock();
+                let has_buf = matches!(
+                    st.objs.get(&i).and_then(|o| o.dirty.as_ref()),
+                    Some(Layer::Buf { .. })
+                );
+                if has_buf || st.dirty_bytes + len <= self.writeback_bytes {
+                    if !has_buf {
+                        st.dirty_bytes += len;
+                    }
+                    let (ver, o) = st.touch(i);
+                    let was_clean = o.dirty.is_none();
+                    let layer = o.dirty.get_or_insert(Layer::Buf {
+                        data: Vec::new(),
+                        cov: Coverage::default(),
+                    });
+                    if let Layer::Zero = layer {
+                        *layer = Layer::Buf {
+                            data: Vec::new(),
+                            cov: Coverage::full(len),
+                        };
+                    }
+                    let Layer::Buf { data: buf, cov } = layer else {
+                        return Err(EngErr::Corrupt);
+                    };
+                    if buf.is_empty() {
+                        buf.resize(len as usize, 0);
+                    }
+                    buf[off as usize..off as usize + data.len()].copy_from_slice(data);
+                    cov.insert(off, off + data.len() as u64);
+                    let complete = cov.covers(0, len);
+                    if was_clean {
+                        o.dirty_since = Instant::now();
+                    }
+                    let idle = !o.busy;
+                    // A complete object needs no read-modify-write: write it
+                    // back now; this is what turns sequential small writes
+                    // into one PUT per object.
+                    let over = st.dirty_bytes > self.writeback_bytes / 2;
+                    if (complete && idle) || over {
+                        self.kick.notify_one();
+                    }
+                    return Ok((i, ver));
+                }
+                // Back-pressure: the buffer is full. Write-back frees it.
+                self.kick.notify_one();
+                notified.as_mut().enable();
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                tracing::warn!(
+                    "objbacker: write-back buffer full for {:?}",
+                    self.retry_budget
+                );
+                return Err(EngErr::Store);
+            }
+        }
+    }
+
+    // ----------------------------------------------------------- write-back
+
+    /// Makes the current dirty layer of `i` durable. Returns Ok(false) if
+    /// another task is already writing it back.
+    async fn writeback(&self, i: u64) -> R<bool> {
+        enum Op {
+            Put(Bytes),
+            Delete,
+            Rmw,
+        }
+        let len = self.geo.obj_len(i);
+        let (mut op, mut ver) = {
+            let mut st = self.lock();
+            let Some(o) = st.objs.get_mut(&i) else {
+                return Ok(true);
+            };
+            if o.busy {
+                return Ok(false);
+            }
+            let op = match &o.dirty {
+                None => return Ok(true),
+                Some(Layer::Zero) => Op::Delete,
+                Some(Layer::Buf { data, cov }) if cov.covers(0, len) => {
+                    Op::Put(Bytes::copy_from_slice(data))
+                }
+                Some(Layer::Buf { .. }) => Op::Rmw,
+            };
+            o.busy = true;
+            let ver = o.ver;
+            st.busy_count += 1;
+            (op, ver)
+        };
+        if let Op::Rmw = op {
+            // Partial object: fetch what the store has to fill the gaps.
+            // Writes landing meanwhile go into the buffer; only bytes still
+            // uncovered when the GET returns are taken from it.
+            self.retry.stats.rmw_gets.fetch_add(1, Relaxed);
+            let base = self.store_get_whole(i).await;
+            let mut st = self.lock();
+            let base = match base {
+                Ok(b) => b,
+                Err(e) => {
+                    st.busy_count = st.busy_count.saturating_sub(1);
+                    st.fail_seq += 1;
+                    let seq = st.fail_seq;
+                    if let Some(o) = st.objs.get_mut(&i) {
+                        o.busy = false;
+                        o.last_fail_seq = seq;
+                    }
+                    drop(st);
+                    self.changed.notify_waiters();
+                    return Err(e);
+                }
+            };
+            let Some(o) = st.objs.get_mut(&i) else {
+                return Err(EngErr::Corrupt);
+            };
+            ver = o.ver;
+            op = match &mut o.dirty {
+                Some(Layer::Buf { data, cov }) => {
+                    if let Some(base) = base {
+                        for (a, b) in cov.gaps(0, len) {
+                            data[a as usize..b as usize]
+                                .copy_from_slice(&base[a as usize..b as usize]);
+                        }
+                    }
+                    *cov = Coverage::full(len);
+                    Op::Put(Bytes::copy_from_slice(data))
+                }
+                // Trimmed while we were fetching.
+                Some(Layer::Zero) => Op::Delete,
+                // Only the busy holder (us) removes the dirty layer.
+                None => {
+                    o.busy = false;
+                    st.busy_count = st.busy_count.saturating_sub(1);
+                    st.cleanup(i);
+                    drop(st);
+                    self.changed.notify_waiters();
+                    return Ok(true);
+                }
+            };
+        }
+        {
+            let mut st = self.lock();
+            if let Some(o) = st.objs.get_mut(&i) {
+                o.inflight = Some(match &op {
+                    Op::Put(b) => Inflight::Put(b.clone()),
+                    _ => Inflight::Delete,
+                });
+            }
+            st.invalidate(i);
+        }
+        let res = match op {
+            Op::Put(b) => self.store_put(i, b).await,
+            _ => self.store_delete(i).await,
+        };
+        let mut st = self.lock();
+        st.busy_count = st.busy_count.saturating_sub(1);
+        let mut freed = false;
+        let fail_seq = st.fail_seq + 1;
+        if res.is_err() {
+            st.fail_seq = fail_seq;
+        }
+        if let Some(o) = st.objs.get_mut(&i) {
+            o.busy = false;
+            o.inflight = None;
+            match res {
+                Ok(()) => {
+                    o.durable_ver = o.durable_ver.max(ver);
+                    if o.ver == ver {
+                        freed = matches!(o.dirty.take(), Some(Layer::Buf { .. }));
+                    }
+                }
+                Err(_) => o.last_fail_seq = fail_seq,
+            }
+        }
+        if freed {
+            st.dirty_bytes = st.dirty_bytes.saturating_sub(len);
+        }
+        st.cleanup(i);
+        if st.objs.contains_key(&i) {
+            self.kick.notify_one();
+        }
+        drop(st);
+        self.changed.notify_waiters();
+        res.map(|()| true)
+    }
+
+    /// Returns once generation `g` of object `i` (or a newer one) is in the
+    /// store, doing the write-back itself if nobody else is.
+    async fn ensure_durable(&self, i: u64, g: u64, start_seq: u64) -> R<()> {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            {
+                let st = self.lock();
+                let Some(o) = st.objs.get(&i) else {
+                    return Ok(());
+                };
+                if o.durable_ver >= g {
+                    return Ok(());
+                }
+                // Someone's write-back of this object failed after we began:
+                // the retry budget is spent, so report instead of retrying.
+                if o.last_fail_seq > start_seq {
+                    return Err(EngErr::Store);
+                }
+                notified.as_mut().enable();
+                if !o.busy && o.dirty.is_none() {
+                    // Only a failed direct PUT leaves this: that write was
+                    // never acknowledged, so nothing is owed.
+                    return Ok(());
+                }
+            }
+            if self.writeback(i).await? {
+                continue;
+            }
+            notified.await;
+        }
+    }
+
+    /// FLUSH: everything acknowledged before now becomes durable.
+    pub async fn flush(&self) -> R<()> {
+        let (snapshot, start_seq) = {
+            let st = self.lock();
+            let snap: Vec<(u64, u64)> = st.objs.iter().map(|(&i, o)| (i, o.ver)).collect();
+            (snap, st.fail_seq)
+        };
+        let results = join_all(
+            snapshot
+                .into_iter()
+                .map(|(i, g)| self.ensure_durable(i, g, start_seq)),
+        )
+        .await;
+        results.into_iter().collect()
+    }
+
+    // -------------------------------------------------------------- zeroing
+
+    /// Deallocate / Write Zeroes. Whole objects become DELETEs (done before
+    /// completion, so a TRIM frees store space); partial ranges are zeros
+    /// written through the buffer.
+    pub async fn zero(&self, off: u64, len: u64) -> R<()> {
+        let start_seq = self.lock().fail_seq;
+        let mut whole = Vec::new();
+        let mut partial = Vec::new();
+        {
+            let mut st = self.lock();
+            for (i, o, n, _) in self.geo.segments(off, len) {
+                if o == 0 && n == self.geo.obj_len(i) {
+                    let (ver, obj) = st.touch(i);
+                    let was_clean = obj.dirty.is_none();
+                    let old = obj.dirty.replace(Layer::Zero);
+                    if was_clean {
+                        obj.dirty_since = Instant::now();
+                    }
+                    if matches!(old, Some(Layer::Buf { .. })) {
+                        st.dirty_bytes = st.dirty_bytes.saturating_sub(self.geo.obj_len(i));
+                    }
+                    whole.push((i, ver));
+                } else {
+                    partial.push((i, o, n));
+                }
+            }
+        }
+        self.changed.notify_waiters();
+        for (i, o, n) in partial {
+            let zeros = vec![0u8; n as usize];
+            self.write_partial(i, o, &zeros).await?;
+        }
+        let waits = join_all(
+            whole
+                .into_iter()
+                .map(|(i, g)| self.ensure_durable(i, g, start_seq)),
+        );
+        for r in waits.await {
+            r?;
+        }
+        Ok(())
+    }
+
+    // ----------------------------------------------------------------- read
+
+    pub async fn read(self: &Arc<Self>, off: u64, out: &mut [u8]) -> R<()> {
+        let segs = self.geo.segments(off, out.len() as u64);
+        let mut pieces = Vec::with_capacity(segs.len());
+        let mut rest = out;
+        for &(i, o, n, _) in &segs {
+            let (head, tail) = rest.split_at_mut(n as usize);
+            pieces.push((i, o, head));
+            rest = tail;
+        }
+        let results = join_all(
+            pieces
+                .into_iter()
+                .map(|(i, o, buf)| self.read_obj(i, o, buf)),
+        )
+        .await;
+        for r in results {
+            r?;
+        }
+        if let Some(&(last, ..)) = segs.last() {
+            self.maybe_readahead(off, segs.iter().map(|s| s.2).sum(), last);
+        }
+        Ok(())
+    }
+
+    async fn read_obj(&self, i: u64, a: u64, out: &mut [u8]) -> R<()> {
+        let b = a + out.len() as u64;
+        let gaps = loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            {
+                let st = self.lock();
+                let o = st.objs.get(&i);
+                let mut gaps = vec![(a, b)];
+                match o.and_then(|o| o.dirty.as_ref()) {
+                    Some(Layer::Zero) => {
+                        out.fill(0);
+                        return Ok(());
+                    }
+                    Some(Layer::Buf { data, cov }) => {
+                        for (x, y) in cov.within(a, b) {
+                            out[(x - a) as usize..(y - a) as usize]
+                                .copy_from_slice(&data[x as usize..y as usize]);
+                        }
+                        gaps = cov.gaps(a, b);
+                    }
+                    None => {}
+                }
+                if gaps.is_empty() {
+                    return Ok(());
+                }
+                let base: Option<&[u8]> = match o.and_then(|o| o.inflight.as_ref()) {
+                    Some(Inflight::Put(bytes)) => Some(bytes),
+                    Some(Inflight::Delete) => Some(&[][..]),
+                    None => match st.cache.get(&i) {
+                        Some(Cached::Data(bytes)) => Some(bytes),
+                        Some(Cached::Zero) => Some(&[][..]),
+                        None => None,
+                    },
+                };
+                if let Some(base) = base {
+                    if o.is_none_or(|o| o.inflight.is_none()) {
+                        self.retry.stats.cache_hits.fetch_add(1, Relaxed);
+                    }
+                    for (x, y) in gaps {
+                        let dst = &mut out[(x - a) as usize..(y - a) as usize];
+                        match base.get(x as usize..y as usize) {
+                            Some(src) => dst.copy_from_slice(src),
+                            None => dst.fill(0),
+                        }
+                    }
+                    return Ok(());
+                }
+                // A read-ahead GET for this object is coming: wait for it
+                // rather than fetching the same bytes twice.
+                if st.prefetching.get(&i) == Some(&true) {
+                    notified.as_mut().enable();
+                } else {
+                    break gaps;
+                }
+            }
+            notified.await;
+        };
+        let (lo, hi) = (gaps[0].0, gaps[gaps.len() - 1].1);
+        let len = self.geo.obj_len(i);
+        let bk = self.bucket(i);
+        let got = self
+            .retry
+            .get(bk, &bk.data_key(i), lo..hi, lo == 0 && hi == len)
+            .await
+            .map_err(|_| EngErr::Store)?;
+        for (x, y) in gaps {
+            let dst = &mut out[(x - a) as usize..(y - a) as usize];
+            match &got {
+                None => dst.fill(0),
+                Some(g) => match g.get((x - lo) as usize..(y - lo) as usize) {
+                    Some(src) => dst.copy_from_slice(src),
+                    None => {
+                        tracing::error!(
+                            "objbacker: object {} shorter than expected",
+                            bk.data_key(i)
+                        );
+                        return Err(EngErr::Corrupt);
+                    }
+                },
+            }
+        }
+        Ok(())
+    }
+
+    /// Detects a sequential reader (a read starting where the previous one
+    /// ended) and prefetches the next objects into a small cache.
+    fn maybe_readahead(self: &Arc<Self>, off: u64, len: u64, last_obj: u64) {
+        if self.readahead == 0 {
+            return;
+        }
+        let mut todo = Vec::new();
+        {
+            let mut st = self.lock();
+            if off == st.last_read_end {
+                st.seq_run = st.seq_run.saturating_add(1);
+            } else {
+                st.seq_run = 0;
+            }
+            st.last_read_end = off + len;
+            if st.seq_run < 1 {
+                return;
+            }
+            let end = (last_obj + 1 + self.readahead as u64).min(self.geo.num_objects);
+            for j in last_obj + 1..end {
+                if st.cache.contains_key(&j)
+                    || st.prefetching.contains_key(&j)
+                    || st.objs.contains_key(&j)
+                {
+                    continue;
+                }
+                st.prefetching.insert(j, true);
+                todo.push(j);
+            }
+        }
+        for j in todo {
+            let me = self.clone();
+            tokio::spawn(async move {
+                let res = me.store_get_whole(j).await;
+                me.retry.stats.readahead_gets.fetch_add(1, Relaxed);
+                {
+                    let mut st = me.lock();
+                    let valid = st.prefetching.remove(&j) == Some(true);
+                    if let (true, Ok(v)) = (valid, res) {
+                        st.cache.insert(j, v.map_or(Cached::Zero, Cached::Data));
+                        st.cache_order.push_back(j);
+                        let cap = 2 * me.readahead.max(1);
+                        while st.cache_order.len() > cap {
+                            if let Some(old) = st.cache_order.pop_front() {
+                                st.cache.remove(&old);
+                            }
+                        }
+                    }
+                }
+                me.changed.notify_waiters();
+            });
+        }
+    }
+
+    // ---------------------------------------------------- background flusher
+
+    /// Writes back complete objects at once, partial ones when the buffer
+    /// passes half full or they are older than writeback_delay.
+    pub async fn flusher(weak: Weak<Self>, max_in_flight: usize) {
+        let tick = {
+            let Some(me) = weak.upgrade() else { return };
+            (me.writeback_delay / 2).max(Duration::from_millis(20))
+        };
+        loop {
+            let kicked = {
+                let Some(me) = weak.upgrade() else { return };
+                let kick = async move {
+                    me.kick.notified().await;
+                };
+                tokio::time::timeout(tick, kick).await.is_ok()
+            };
+            let _ = kicked;
+            let Some(me) = weak.upgrade() else { return };
+            let picks = {
+                let st = me.lock();
+                let room = max_in_flight.saturating_sub(st.busy_count);
+                let now = Instant::now();
+                let mut cands: Vec<(bool, Instant, u64, u64)> = st
+                    .objs
+                    .iter()
+                    .filter(|(_, o)| !o.busy && o.dirty.is_some())
+                    .map(|(&i, o)| {
+                        let complete = match &o.dirty {
+                            Some(Layer::Buf { cov, .. }) => cov.covers(0, me.geo.obj_len(i)),
+                            _ => true,
+                        };
+                        let bytes = match &o.dirty {
+                            Some(Layer::Buf { .. }) => me.geo.obj_len(i),
+                            _ => 0,
+                        };
+                        (!complete, o.dirty_since, i, bytes)
+                    })
+                    .collect();
+                cands.sort();
+                let mut projected = st.dirty_bytes;
+                let high = me.writeback_bytes / 2;
+                let mut picks = Vec::new();
+                for (partial, since, i, bytes) in cands {
+                    if picks.len() >= room {
+                        break;
+                    }
+                    let aged = now.duration_since(since) >= me.writeback_delay;
+                    if !partial || aged || projected > high {
+                        picks.push(i);
+                        projected = projected.saturating_sub(bytes);
+                    }
+                }
+                picks
+            };
+            for i in picks {
+                let me2 = me.clone();
+                tokio::spawn(async move {
+                    // Failures are kept in the object's state and reported
+                    // by FLUSH/FUA; a later pass retries.
+                    let _ = me2.writeback(i).await;
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coverage_merges_and_gaps() {
+        let mut c = Coverage::default();
+        c.insert(10, 20);
+        c.insert(30, 40);
+        c.insert(20, 30);
+        assert_eq!(c.0, vec![(10, 40)]);
+        c.insert(0, 5);
+        c.insert(50, 60);
+        assert_eq!(c.gaps(0, 100), vec![(5, 10), (40, 50), (60, 100)]);
+        assert!(c.covers(12, 40));
+        assert!(!c.covers(12, 41));
+        c.insert(4, 55);
+        assert_eq!(c.0, vec![(0, 60)]);
+        assert!(c.gaps(0, 60).is_empty());
+    }
+
+    #[test]
+    fn segments_handle_short_last_object() {
+        let g = Geometry::new(3 * 131072 + 4096, 131072);
+        assert_eq!(g.num_objects, 4);
+        assert_eq!(g.obj_len(3), 4096);
+        let s = g.segments(131072 - 512, 131072 * 3 + 512 + 4096 - 131072);
+        assert_eq!(s[0], (0, 131072 - 512, 512, 0));
+        assert_eq!(s.last().copied(), Some((3, 0, 4096, 512 + 2 * 131072)));
+    }
+}

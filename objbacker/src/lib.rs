@@ -1,0 +1,198 @@
+//! Object-backed block device: a bdev of N bytes stored as objects of
+//! `object_size` in one or more buckets (S3, GCS, Azure Blob, a local
+//! directory, or memory), all through `object_store`.
+//!
+//! Block `i` is object `{prefix}/{i:08}` in bucket `i % buckets`. The device
+//! reports a volatile write cache: partial writes sit in a bounded
+//! write-back buffer until FLUSH, FUA, buffer pressure or age push them out;
+//! whole aligned objects go straight to one PUT. Design and invariants:
+//! docs/objbacker.md.
+
+mod bdev;
+pub mod config;
+mod engine;
+pub mod fault;
+mod store;
+mod superblock;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use object_store::ObjectStore;
+use strata_target::bdev::{BdevInfo, IoError};
+
+pub use config::{ConfigError, ObjBackerConfig};
+pub use fault::{FaultConfig, FaultControl, FaultyStore, Latency};
+pub use store::ObjBackerStats;
+pub use superblock::{
+    BucketUsage, FormatOptions, FsckProblem, FsckReport, Info, Superblock, format,
+    format_with_stores, fsck, fsck_with_stores, info, info_with_stores,
+};
+
+/// Name of the superblock object under each bucket's prefix.
+pub const SUPERBLOCK_NAME: &str = "superblock.json";
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ObjError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("bucket {url}: {message}")]
+    Store { url: String, message: String },
+    #[error(
+        "{url} is not formatted: no superblock at `{key}`; run `strata objbacker format` first"
+    )]
+    NotFormatted { url: String, key: String },
+    #[error(
+        "{url} already holds a strata-objbacker device (uuid {uuid}); refusing to format over it without force"
+    )]
+    AlreadyFormatted { url: String, uuid: String },
+    #[error(
+        "{url} is not empty (`{key}` exists) and has no superblock; refusing to format over foreign data without force"
+    )]
+    NotEmpty { url: String, key: String },
+    #[error("superblock mismatch, attach refused: {0}")]
+    Mismatch(String),
+    #[error("superblock of {url} is unreadable: {message}")]
+    BadSuperblock { url: String, message: String },
+}
+
+/// object_store is built with `ring` and reqwest without a default TLS
+/// provider (half the build time of aws-lc), so one must be installed
+/// before the first client is built. Idempotent.
+pub fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// The device. Implements [`strata_target::bdev::Bdev`].
+///
+/// Store I/O runs as tasks on the tokio runtime that was current when
+/// [`ObjBacker::attach`] ran, which should be a multi-thread runtime shared
+/// by the process (not a reactor's current_thread runtime): channels only
+/// spawn onto it and receive completions through an mpsc queue.
+pub struct ObjBacker {
+    pub(crate) inner: Arc<engine::Inner>,
+    pub(crate) info: BdevInfo,
+    pub(crate) handle: tokio::runtime::Handle,
+    superblock: Superblock,
+    flusher: tokio::task::JoinHandle<()>,
+}
+
+impl ObjBacker {
+    /// Opens the buckets named by `cfg.buckets` and attaches to the device
+    /// formatted there. Refuses a superblock that does not match `cfg`.
+    pub async fn attach(cfg: ObjBackerConfig) -> Result<Arc<Self>, ObjError> {
+        cfg.validate()?;
+        let buckets = store::open_buckets(&cfg)?;
+        Self::attach_buckets(cfg, buckets).await
+    }
+
+    /// Like [`attach`](Self::attach) with ready-made stores, one per entry
+    /// of `cfg.buckets` (whose URL paths still give the key prefixes): for
+    /// `InMemory`, or any store wrapped in [`FaultyStore`].
+    pub async fn attach_with_stores(
+        cfg: ObjBackerConfig,
+        stores: Vec<Arc<dyn ObjectStore>>,
+    ) -> Result<Arc<Self>, ObjError> {
+        cfg.validate()?;
+        let buckets = superblock::buckets_from_stores(&cfg, stores)?;
+        Self::attach_buckets(cfg, buckets).await
+    }
+
+    async fn attach_buckets(
+        cfg: ObjBackerConfig,
+        buckets: Vec<store::Bucket>,
+    ) -> Result<Arc<Self>, ObjError> {
+        let probe = store::Retrier::new(&cfg);
+        let superblock = superblock::check_attach(&cfg, &probe, &buckets).await?;
+        // Same counters as the device, so attach-time retries show in stats().
+        let inner = Arc::new(engine::Inner::new(&cfg, buckets, probe));
+        let handle = tokio::runtime::Handle::current();
+        let flusher = handle.spawn(engine::Inner::flusher(
+            Arc::downgrade(&inner),
+            cfg.max_in_flight,
+        ));
+        let info = BdevInfo {
+            name: cfg.name.clone(),
+            block_size: cfg.block_size,
+            num_blocks: cfg.size_bytes / u64::from(cfg.block_size),
+            volatile_write_cache: true,
+            max_io_bytes: cfg.max_io_bytes,
+        };
+        Ok(Arc::new(Self {
+            inner,
+            info,
+            handle,
+            superblock,
+            flusher,
+        }))
+    }
+
+    pub fn superblock(&self) -> &Superblock {
+        &self.superblock
+    }
+
+    /// Store request counters, e.g. PUTs caused by N small random writes.
+    pub fn stats(&self) -> ObjBackerStats {
+        self.inner.retry.stats.snapshot()
+    }
+
+    /// Bytes currently held by the write-back buffer.
+    pub fn dirty_bytes(&self) -> u64 {
+        self.inner.dirty_bytes()
+    }
+
+    fn check(&self, off: u64, len: u64) -> Result<(), IoError> {
+        match off.checked_add(len) {
+            Some(end) if end <= self.inner.geo.size => Ok(()),
+            _ => Err(IoError::OutOfRange),
+        }
+    }
+
+    /// Byte-addressed read (the bdev path uses the same engine).
+    pub async fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        self.check(off, buf.len() as u64)?;
+        self.inner
+            .read(off, buf)
+            .await
+            .map_err(|_| IoError::ReadError)
+    }
+
+    pub async fn write_at(&self, off: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
+        self.check(off, data.len() as u64)?;
+        self.inner
+            .write(off, data, fua)
+            .await
+            .map_err(|_| IoError::WriteFault)
+    }
+
+    /// Deallocate / write zeroes of a byte range.
+    pub async fn zero_at(&self, off: u64, len: u64) -> Result<(), IoError> {
+        self.check(off, len)?;
+        self.inner
+            .zero(off, len)
+            .await
+            .map_err(|_| IoError::WriteFault)
+    }
+
+    pub async fn flush(&self) -> Result<(), IoError> {
+        self.inner.flush().await.map_err(|_| IoError::WriteFault)
+    }
+
+    /// Test hook modelling kill -9: from now on no store mutation starts,
+    /// so whatever was not durable stays lost when the device is dropped.
+    #[doc(hidden)]
+    pub fn simulate_crash(&self) {
+        self.inner.crash();
+        self.flusher.abort();
+    }
+}
+
+impl Drop for ObjBacker {
+    fn drop(&mut self) {
+        self.flusher.abort();
+    }
+}
