@@ -84,13 +84,38 @@ struct RawNamespace {
     block_size: Option<u32>,
     ana_group: Option<u32>,
     uuid: Option<String>,
+    // objbacker namespaces
+    buckets: Option<Vec<String>>,
+    object_size: Option<String>,
+    #[serde(default)]
+    store_options: BTreeMap<String, String>,
+    auto_format: Option<bool>,
+    max_in_flight: Option<usize>,
+    writeback: Option<String>,
 }
 
 /// What backs a namespace.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum BackingSpec {
-    Ram { size: u64 },
-    File { path: PathBuf, size: Option<u64> },
+    Ram {
+        size: u64,
+    },
+    File {
+        path: PathBuf,
+        size: Option<u64>,
+    },
+    /// The object-backed device (strata-objbacker): one object per
+    /// `object_size` block, striped over `buckets`.
+    ObjBacker {
+        buckets: Vec<String>,
+        size: u64,
+        object_size: u64,
+        store_options: Vec<(String, String)>,
+        /// Format the buckets on first use when they hold nothing at all.
+        auto_format: bool,
+        max_in_flight: Option<usize>,
+        writeback_bytes: Option<u64>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -130,8 +155,10 @@ pub struct ServeConfig {
     pub subsystems: Vec<SubsystemSpec>,
 }
 
-/// The embedded default: one subsystem, a 1 GiB RAM namespace, I/O on
-/// 127.0.0.1:4420 and discovery on 127.0.0.1:8009.
+/// The embedded default: one subsystem with a 1 GiB RAM namespace (NSID 1)
+/// and a 1 GiB objbacker namespace (NSID 2) striped over two buckets in a
+/// local directory, I/O on 127.0.0.1:4420 and discovery on 127.0.0.1:8009.
+/// `{DATA}` is replaced by [`data_dir`].
 pub const EMBEDDED_DEFAULT: &str = r#"
 [target]
 discovery = "127.0.0.1:8009"
@@ -148,7 +175,30 @@ allow_any_host = true
 nsid = 1
 type = "ram"
 size = "1GiB"
+
+[[subsystem.namespace]]
+nsid = 2
+type = "objbacker"
+size = "1GiB"
+buckets = ["file://{DATA}/objbacker/bucket0", "file://{DATA}/objbacker/bucket1"]
+auto_format = true
 "#;
+
+/// Where the embedded default keeps its objbacker buckets:
+/// `$STRATA_DATA_DIR`, else `$XDG_DATA_HOME/strata`, else
+/// `$HOME/.local/share/strata`, else `./strata-data`.
+pub fn data_dir() -> PathBuf {
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    let d = env("STRATA_DATA_DIR")
+        .or_else(|| env("XDG_DATA_HOME").map(|d| d.join("strata")))
+        .or_else(|| env("HOME").map(|h| h.join(".local/share/strata")))
+        .unwrap_or_else(|| PathBuf::from("strata-data"));
+    std::path::absolute(&d).unwrap_or(d)
+}
 
 pub fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
@@ -211,8 +261,10 @@ impl ServeConfig {
     }
 
     pub fn embedded_default() -> Self {
-        Self::parse(EMBEDDED_DEFAULT, "(embedded default)")
-            .expect("embedded default config is valid")
+        {
+            let text = EMBEDDED_DEFAULT.replace("{DATA}", &data_dir().display().to_string());
+            Self::parse(&text, "(embedded default)").expect("embedded default config is valid")
+        }
     }
 
     pub fn parse(text: &str, file: &str) -> Result<Self, ConfigError> {
@@ -430,11 +482,76 @@ impl ServeConfig {
                         })?),
                         size,
                     },
+                    "objbacker" => {
+                        let buckets = n.buckets.clone().unwrap_or_default();
+                        if buckets.is_empty() {
+                            return Err(err(
+                                &f("buckets"),
+                                "an objbacker namespace needs at least one bucket URL".into(),
+                                "add buckets = [\"s3://bucket/prefix\"] (or gs://, az://, file:///dir)",
+                            ));
+                        }
+                        for (k, b) in buckets.iter().enumerate() {
+                            if !["s3://", "gs://", "az://", "file:///"]
+                                .iter()
+                                .any(|p| b.starts_with(p))
+                            {
+                                return Err(err(
+                                    &f(&format!("buckets[{k}]")),
+                                    format!("`{b}` is not a supported bucket URL"),
+                                    "use s3://bucket/prefix, gs://bucket/prefix, az://container/prefix or file:///absolute/dir",
+                                ));
+                            }
+                        }
+                        let object_size = match &n.object_size {
+                            None => 1 << 20,
+                            Some(o) => parse_size(o)
+                                .filter(|v| {
+                                    v.is_power_of_two() && (128 << 10..=16 << 20).contains(v)
+                                })
+                                .ok_or_else(|| {
+                                    err(
+                                        &f("object_size"),
+                                        format!("`{o}` is not a power of two from 128KiB to 16MiB"),
+                                        "use e.g. \"1MiB\"",
+                                    )
+                                })?,
+                        };
+                        let writeback_bytes = match &n.writeback {
+                            None => None,
+                            Some(w) => Some(parse_size(w).ok_or_else(|| {
+                                err(
+                                    &f("writeback"),
+                                    format!("`{w}` is not a size"),
+                                    "write it like \"64MiB\"",
+                                )
+                            })?),
+                        };
+                        BackingSpec::ObjBacker {
+                            buckets,
+                            size: size.ok_or_else(|| {
+                                err(
+                                    &f("size"),
+                                    "an objbacker namespace needs a size".into(),
+                                    "add size = \"100GiB\"",
+                                )
+                            })?,
+                            object_size,
+                            store_options: n
+                                .store_options
+                                .iter()
+                                .map(|(k, v)| (k.clone(), v.clone()))
+                                .collect(),
+                            auto_format: n.auto_format.unwrap_or(false),
+                            max_in_flight: n.max_in_flight,
+                            writeback_bytes,
+                        }
+                    }
                     other => {
                         return Err(err(
                             &f("type"),
                             format!("`{other}` is not a namespace type"),
-                            "use \"ram\" or \"file\"",
+                            "use \"ram\", \"file\" or \"objbacker\"",
                         ));
                     }
                 };
@@ -518,6 +635,15 @@ mod tests {
             BackingSpec::Ram { size: 1 << 30 }
         );
         assert!(c.subsystems[0].allow_any_host);
+        let BackingSpec::ObjBacker { buckets, size, .. } = &c.subsystems[0].namespaces[1].backing
+        else {
+            panic!("NSID 2 is the objbacker namespace")
+        };
+        assert_eq!(*size, 1 << 30);
+        assert!(
+            buckets.iter().all(|b| b.starts_with("file:///")),
+            "{buckets:?}"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The `strata` binary: wires the crates together.
 
 mod config;
+mod objbacker_cli;
 mod serve;
 
 use std::net::SocketAddr;
@@ -38,6 +39,8 @@ enum Cmd {
     },
     /// Userspace NVMe/TCP load generator: run, tiers, compare (see docs/bench.md).
     Bench(Box<strata_bench::BenchArgs>),
+    /// Object-backed devices: format, info, fsck (see docs/objbacker.md).
+    Objbacker(objbacker_cli::ObjBackerArgs),
 }
 
 fn main() {
@@ -62,6 +65,7 @@ fn main() {
             reactors,
         }),
         Cmd::Bench(args) => strata_bench::cli_main(*args),
+        Cmd::Objbacker(args) => objbacker_cli::run(args),
     };
     if let Err(e) = r {
         eprintln!("strata: {e:#}");

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
+use strata_objbacker::{FormatOptions, ObjBacker, ObjBackerConfig, ObjError};
 use strata_target::bdev::Bdev;
 use strata_target::bdev::ram::RamBdev;
 use strata_target::bdev::uring::{UringBdev, UringOptions};
@@ -39,6 +40,10 @@ struct Running {
     next_port_id: u16,
     /// Port id → address currently bound.
     bound: BTreeMap<u16, SocketAddr>,
+    /// Object-store I/O for objbacker namespaces runs here, apart from the
+    /// reactors, whose only job is the NVMe/TCP path.
+    objstore_rt: Option<tokio::runtime::Runtime>,
+    objbackers: Vec<Arc<ObjBacker>>,
 }
 
 fn load(args: &ServeArgs) -> Result<ServeConfig> {
@@ -73,6 +78,8 @@ impl Running {
             port_ids: HashMap::new(),
             next_port_id: 1,
             bound: BTreeMap::new(),
+            objstore_rt: None,
+            objbackers: Vec::new(),
         }
     }
 
@@ -84,6 +91,60 @@ impl Running {
         self.next_port_id += 1;
         self.port_ids.insert(name.to_string(), id);
         id
+    }
+
+    fn open_bdev(
+        &mut self,
+        nqn: &str,
+        nsid: u32,
+        b: &BackingSpec,
+        block_size: u32,
+    ) -> Result<Arc<dyn Bdev>> {
+        let name = format!("{nqn}/{nsid}");
+        Ok(match b {
+            BackingSpec::Ram { size } => RamBdev::new(&name, *size, block_size)?,
+            BackingSpec::File { path, size } => UringBdev::open(
+                path,
+                UringOptions {
+                    block_size,
+                    size_bytes: *size,
+                    ..UringOptions::default()
+                },
+            )
+            .with_context(|| format!("opening {}", path.display()))?,
+            BackingSpec::ObjBacker { .. } => {
+                let cfg = objbacker_config(&name, b, block_size);
+                let rt = self.objstore_rt()?;
+                let ob = rt.block_on(attach_or_format(cfg, b))?;
+                self.objbackers.push(ob.clone());
+                ob
+            }
+        })
+    }
+
+    fn objstore_rt(&mut self) -> Result<&tokio::runtime::Runtime> {
+        if self.objstore_rt.is_none() {
+            strata_objbacker::install_crypto_provider();
+            self.objstore_rt = Some(
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .thread_name("objstore")
+                    .enable_all()
+                    .build()?,
+            );
+        }
+        Ok(self.objstore_rt.as_ref().expect("runtime just built"))
+    }
+
+    /// Makes every acknowledged write to object-backed namespaces durable
+    /// before the process exits (SIGINT/SIGTERM).
+    fn flush_objbackers(&self) {
+        let Some(rt) = &self.objstore_rt else { return };
+        for ob in &self.objbackers {
+            if let Err(e) = rt.block_on(ob.flush()) {
+                tracing::error!(error = ?e, "flushing an objbacker namespace at shutdown failed");
+            }
+        }
     }
 
     /// Builds the target model, opening (or reusing) every bdev. Fails
@@ -118,13 +179,14 @@ impl Running {
             let mut namespaces = Vec::new();
             for n in &s.namespaces {
                 let key = (s.nqn.clone(), n.nsid, n.backing.clone(), n.block_size);
-                let bdev =
-                    match self.bdevs.get(&key) {
-                        Some(b) => b.clone(),
-                        None => open_bdev(&s.nqn, n.nsid, &n.backing, n.block_size).with_context(
-                            || format!("{}: subsystem {} namespace {}", cfg.source, s.nqn, n.nsid),
-                        )?,
-                    };
+                let bdev = match self.bdevs.get(&key) {
+                    Some(b) => b.clone(),
+                    None => self
+                        .open_bdev(&s.nqn, n.nsid, &n.backing, n.block_size)
+                        .with_context(|| {
+                            format!("{}: subsystem {} namespace {}", cfg.source, s.nqn, n.nsid)
+                        })?,
+                };
                 keep.insert(key, bdev.clone());
                 let mut eui64 = [0u8; 8];
                 eui64.copy_from_slice(&n.uuid[8..]);
@@ -152,24 +214,26 @@ impl Running {
             });
         }
         self.bdevs = keep;
+        // A namespace removed by a reload gets its acknowledged writes made
+        // durable before its device is dropped.
+        let live: Vec<*const ()> = self
+            .bdevs
+            .values()
+            .map(|b| Arc::as_ptr(b) as *const ())
+            .collect();
+        let (kept, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut self.objbackers)
+            .into_iter()
+            .partition(|ob| live.contains(&(Arc::as_ptr(ob) as *const ())));
+        self.objbackers = kept;
+        if let (Some(rt), false) = (&self.objstore_rt, gone.is_empty()) {
+            for ob in gone {
+                if let Err(e) = rt.block_on(ob.flush()) {
+                    tracing::error!(error = ?e, "flushing a removed objbacker namespace failed");
+                }
+            }
+        }
         Ok((TargetConfig { subsystems, ports }, want))
     }
-}
-
-fn open_bdev(nqn: &str, nsid: u32, b: &BackingSpec, block_size: u32) -> Result<Arc<dyn Bdev>> {
-    let name = format!("{nqn}/{nsid}");
-    Ok(match b {
-        BackingSpec::Ram { size } => RamBdev::new(&name, *size, block_size)?,
-        BackingSpec::File { path, size } => UringBdev::open(
-            path,
-            UringOptions {
-                block_size,
-                size_bytes: *size,
-                ..UringOptions::default()
-            },
-        )
-        .with_context(|| format!("opening {}", path.display()))?,
-    })
 }
 
 fn sync_listeners(
@@ -244,6 +308,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         anyhow::Ok(())
     })?;
     transport.shutdown();
+    running.flush_objbackers();
     tracing::info!("stopped");
     Ok(())
 }
@@ -266,5 +331,59 @@ fn print_connect_lines(cfg: &ServeConfig, running: &Running) {
     }
     if let Some(d) = running.bound.get(&DISCOVERY_PORT_ID) {
         println!("nvme discover -t tcp -a {} -s {}", d.ip(), d.port());
+    }
+}
+
+pub fn objbacker_config(name: &str, b: &BackingSpec, block_size: u32) -> ObjBackerConfig {
+    let BackingSpec::ObjBacker {
+        buckets,
+        size,
+        object_size,
+        store_options,
+        max_in_flight,
+        writeback_bytes,
+        ..
+    } = b
+    else {
+        unreachable!("objbacker_config on a non-objbacker backing")
+    };
+    let d = ObjBackerConfig::default();
+    ObjBackerConfig {
+        name: name.to_string(),
+        buckets: buckets.clone(),
+        store_options: store_options.clone(),
+        size_bytes: *size,
+        object_size: *object_size,
+        block_size,
+        max_in_flight: max_in_flight.unwrap_or(d.max_in_flight),
+        writeback_bytes: writeback_bytes.unwrap_or(d.writeback_bytes),
+        ..d
+    }
+}
+
+/// Attaches; formats first only when `auto_format` is set and the buckets
+/// hold nothing at all (never over foreign data or another device).
+async fn attach_or_format(cfg: ObjBackerConfig, b: &BackingSpec) -> Result<Arc<ObjBacker>> {
+    let auto = matches!(
+        b,
+        BackingSpec::ObjBacker {
+            auto_format: true,
+            ..
+        }
+    );
+    for url in &cfg.buckets {
+        if let Some(dir) = url.strip_prefix("file://") {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating bucket directory {dir}"))?;
+        }
+    }
+    match ObjBacker::attach(cfg.clone()).await {
+        Ok(ob) => Ok(ob),
+        Err(ObjError::NotFormatted { .. }) if auto => {
+            let sb = strata_objbacker::format(&cfg, FormatOptions { force: false }).await?;
+            tracing::info!(name = %cfg.name, uuid = ?sb, "formatted new objbacker device");
+            Ok(ObjBacker::attach(cfg).await?)
+        }
+        Err(e) => Err(e.into()),
     }
 }

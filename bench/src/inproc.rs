@@ -15,7 +15,9 @@ use strata_target::bdev::ram::RamBdev;
 use strata_target::pdu::{self, ICReq};
 use strata_target::queue::{QueueLimits, QueuePair};
 use strata_target::spec::{self, ConnectData, NvmeCmd, SglDescriptor};
-use strata_target::subsystem::{NamespaceConfig, PortConfig, SubsystemConfig, Target, TargetConfig};
+use strata_target::subsystem::{
+    NamespaceConfig, PortConfig, SubsystemConfig, Target, TargetConfig,
+};
 
 use crate::job::parse_size;
 
@@ -170,7 +172,10 @@ pub fn run(a: &InprocArgs) -> Result<InprocResult> {
     let (ic, conn) = connect_pdus(0, 0xffff, dg);
     feed(&mut admin, &ic, &mut out);
     feed(&mut admin, &conn, &mut out);
-    let cntlid = admin.ctrlr().ok_or_else(|| anyhow!("admin connect failed"))?.cntlid();
+    let cntlid = admin
+        .ctrlr()
+        .ok_or_else(|| anyhow!("admin connect failed"))?
+        .cntlid();
     let mut en = NvmeCmd::default();
     en.set_opcode(spec::admin_opc::FABRICS);
     en.0[4] = spec::fctype::PROPERTY_SET;
@@ -203,7 +208,11 @@ pub fn run(a: &InprocArgs) -> Result<InprocResult> {
         x ^= x >> 7;
         x ^= x << 17;
         let mut c = NvmeCmd::default();
-        c.set_opcode(if write { spec::io_opc::WRITE } else { spec::io_opc::READ });
+        c.set_opcode(if write {
+            spec::io_opc::WRITE
+        } else {
+            spec::io_opc::READ
+        });
         c.set_cid(i as u16);
         c.set_nsid(1);
         let slba = (x % span) * u64::from(nlb);
@@ -252,7 +261,10 @@ pub fn run(a: &InprocArgs) -> Result<InprocResult> {
 }
 
 fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes into the timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -262,7 +274,15 @@ pub fn cmd_inproc(a: InprocArgs) -> Result<()> {
     let r = run(&a)?;
     println!(
         "inproc {} bs={} qd={} digests={}: {} I/Os, {:.0} ns/IO wall, {:.0} ns/IO CPU, {:.0} IOPS per core, {} buffer allocations after warm-up",
-        a.rw, a.bs, a.qd, a.digests, r.ios, r.ns_per_io, r.cpu_ns_per_io, r.iops_per_core, r.buffer_allocations_after_warmup
+        a.rw,
+        a.bs,
+        a.qd,
+        a.digests,
+        r.ios,
+        r.ns_per_io,
+        r.cpu_ns_per_io,
+        r.iops_per_core,
+        r.buffer_allocations_after_warmup
     );
     println!("{}", serde_json::to_string(&r)?);
     Ok(())

@@ -96,6 +96,7 @@ impl Serve {
             .arg(format!("127.0.0.1:{port}"))
             .arg("--discovery")
             .arg(format!("127.0.0.1:{}", free_port()))
+            .env("STRATA_DATA_DIR", dir.join("data"))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
         if let Some(c) = config {

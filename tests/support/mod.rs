@@ -44,6 +44,7 @@ impl Server {
             .arg("--discovery")
             .arg(format!("127.0.0.1:{discovery_port}"))
             .env("STRATA_LOG", "info,strata_target=debug")
+            .env("STRATA_DATA_DIR", dir.join("data"))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
         if let Some(c) = config {
