@@ -129,7 +129,7 @@ fn count_responses(mut b: &[u8]) -> Result<u64> {
 
 pub fn run(a: &InprocArgs) -> Result<InprocResult> {
     let bs = parse_size(&a.bs).map_err(|e| anyhow!("--bs: {e}"))? as u32;
-    if bs == 0 || bs % 512 != 0 || bs > 1 << 20 {
+    if bs == 0 || !bs.is_multiple_of(512) || bs > 1 << 20 {
         bail!("--bs must be a multiple of 512 up to 1M");
     }
     let write = match a.rw.as_str() {
