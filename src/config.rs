@@ -92,6 +92,10 @@ struct RawNamespace {
     auto_format: Option<bool>,
     max_in_flight: Option<usize>,
     writeback: Option<String>,
+    /// Fault injection around every bucket client (benchmarks, fault tests).
+    inject_latency_ms: Option<f64>,
+    inject_error_rate: Option<f64>,
+    inject_timeout_rate: Option<f64>,
 }
 
 /// What backs a namespace.
@@ -115,6 +119,9 @@ pub enum BackingSpec {
         auto_format: bool,
         max_in_flight: Option<usize>,
         writeback_bytes: Option<u64>,
+        /// Injected per-request latency (µs) and error/timeout rates (ppm):
+        /// integers so the spec stays `Eq + Hash`.
+        inject: Option<(u64, u32, u32)>,
     },
 }
 
@@ -545,6 +552,40 @@ impl ServeConfig {
                             auto_format: n.auto_format.unwrap_or(false),
                             max_in_flight: n.max_in_flight,
                             writeback_bytes,
+                            inject: match (
+                                n.inject_latency_ms,
+                                n.inject_error_rate,
+                                n.inject_timeout_rate,
+                            ) {
+                                (None, None, None) => None,
+                                (l, e, t) => {
+                                    let rate =
+                                        |v: Option<f64>, name: &str| -> Result<u32, ConfigError> {
+                                            let v = v.unwrap_or(0.0);
+                                            if !(0.0..=1.0).contains(&v) {
+                                                return Err(err(
+                                                    &f(name),
+                                                    format!("{v} is not a fraction"),
+                                                    "use a number from 0.0 to 1.0",
+                                                ));
+                                            }
+                                            Ok((v * 1e6) as u32)
+                                        };
+                                    let lat = l.unwrap_or(0.0);
+                                    if !(0.0..=60_000.0).contains(&lat) {
+                                        return Err(err(
+                                            &f("inject_latency_ms"),
+                                            format!("{lat} ms is out of range"),
+                                            "use 0 to 60000",
+                                        ));
+                                    }
+                                    Some((
+                                        (lat * 1000.0) as u64,
+                                        rate(e, "inject_error_rate")?,
+                                        rate(t, "inject_timeout_rate")?,
+                                    ))
+                                }
+                            },
                         }
                     }
                     other => {

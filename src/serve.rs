@@ -342,6 +342,7 @@ pub fn objbacker_config(name: &str, b: &BackingSpec, block_size: u32) -> ObjBack
         store_options,
         max_in_flight,
         writeback_bytes,
+        inject,
         ..
     } = b
     else {
@@ -357,6 +358,18 @@ pub fn objbacker_config(name: &str, b: &BackingSpec, block_size: u32) -> ObjBack
         block_size,
         max_in_flight: max_in_flight.unwrap_or(d.max_in_flight),
         writeback_bytes: writeback_bytes.unwrap_or(d.writeback_bytes),
+        fault: inject.map(
+            |(lat_us, err_ppm, timeout_ppm)| strata_objbacker::FaultConfig {
+                latency: if lat_us == 0 {
+                    strata_objbacker::Latency::None
+                } else {
+                    strata_objbacker::Latency::Fixed(std::time::Duration::from_micros(lat_us))
+                },
+                error_rate: f64::from(err_ppm) / 1e6,
+                timeout_rate: f64::from(timeout_ppm) / 1e6,
+                ..strata_objbacker::FaultConfig::default()
+            },
+        ),
         ..d
     }
 }

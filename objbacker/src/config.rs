@@ -50,6 +50,9 @@ pub struct ObjBackerConfig {
     pub retry_max_backoff: Duration,
     /// Largest single I/O accepted (reported as the bdev's max_io_bytes).
     pub max_io_bytes: u32,
+    /// Wrap every bucket's client in a [`crate::FaultyStore`]: per-request
+    /// latency and injected errors, for benchmarks and fault tests.
+    pub fault: Option<crate::FaultConfig>,
 }
 
 impl Default for ObjBackerConfig {
@@ -70,6 +73,7 @@ impl Default for ObjBackerConfig {
             retry_initial_backoff: Duration::from_millis(50),
             retry_max_backoff: Duration::from_secs(2),
             max_io_bytes: 8 << 20,
+            fault: None,
         }
     }
 }

@@ -146,6 +146,12 @@ fn open_bucket(cfg: &ObjBackerConfig, url: &str) -> Result<Bucket, ObjError> {
     } else {
         url_prefix(url)?
     };
+    // Injected latency and errors (benchmarks, fault tests) wrap the real
+    // client, so everything above it runs the production path.
+    let store: Arc<dyn ObjectStore> = match cfg.fault {
+        Some(f) => Arc::new(crate::FaultyStore::new(store, f)),
+        None => store,
+    };
     Ok(Bucket {
         url: url.into(),
         store,
