@@ -395,3 +395,77 @@ fn sigterm_shuts_down_cleanly_with_connections_open() {
     }
     assert!(matches!(io.recv(), Rsp::Closed));
 }
+
+#[test]
+fn silent_host_loses_its_controller_after_kato() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(None, dir.path());
+    let mut a = Client::connect_tcp(srv.port);
+    a.icreq(false, false);
+    let c = a.connect_kato(0, 0xffff, DEFAULT_NQN, HOST, 1000);
+    assert!(c.status.is_success());
+    let cntlid = c.dw0 as u16;
+    let mut en = NvmeCmd::default();
+    en.set_opcode(spec::admin_opc::FABRICS);
+    en.0[4] = spec::fctype::PROPERTY_SET;
+    en.set_cdw(11, spec::prop::CC);
+    en.set_cdw(12, 1 | (6 << 16) | (4 << 20));
+    assert!(a.exec(en, &[]).0.status.is_success());
+    let mut nq = NvmeCmd::default();
+    nq.set_opcode(spec::admin_opc::SET_FEATURES);
+    nq.set_cdw(10, u32::from(spec::feat::NUMBER_OF_QUEUES));
+    nq.set_cdw(11, 0);
+    assert!(a.exec(nq, &[]).0.status.is_success());
+    let mut io = Client::io(srv.port, DEFAULT_NQN, HOST, cntlid, 1);
+    good_io_still_works(&mut io, 1);
+    io.s.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let started = Instant::now();
+    // No keep-alive from here on: the I/O queue must be torn down with its
+    // controller (KATO 1 s, bounded wait).
+    assert!(
+        matches!(io.recv(), Rsp::Closed),
+        "I/O queue outlived its controller"
+    );
+    assert!(matches!(a.recv(), Rsp::Closed), "admin queue outlived KATO");
+    assert!(started.elapsed() < Duration::from_secs(14));
+    assert!(
+        srv.log_text().contains("keep-alive timeout"),
+        "{}",
+        srv.log_text()
+    );
+    // The host can build a new association afterwards.
+    let (_a2, _) = Client::admin(srv.port, DEFAULT_NQN, HOST);
+}
+
+#[test]
+fn sighup_adds_and_removes_listeners() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = support::free_port();
+    let base = "[[listener]]\nname = \"a\"\naddr = \"127.0.0.1:1\"\n[[subsystem]]\nnqn = \"nqn.2026-11.dev.strata:ls\"\n[[subsystem.namespace]]\nnsid = 1\ntype = \"ram\"\nsize = \"8MiB\"\n";
+    let cfg = write_config(dir.path(), base);
+    let srv = Server::start(Some(&cfg), dir.path());
+    assert!(std::net::TcpStream::connect(("127.0.0.1", extra)).is_err());
+    // --listen overrides listener a only; listener b comes from the file.
+    let with_b = base.replace(
+        "[[subsystem]]",
+        &format!("[[listener]]\nname = \"b\"\naddr = \"127.0.0.1:{extra}\"\n[[subsystem]]"),
+    );
+    std::fs::write(&cfg, &with_b).unwrap();
+    srv.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(("127.0.0.1", extra)).is_err() {
+        assert!(Instant::now() < deadline, "listener b never appeared");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_a, cntlid) = Client::admin(extra, "nqn.2026-11.dev.strata:ls", HOST);
+    let mut io = Client::io(extra, "nqn.2026-11.dev.strata:ls", HOST, cntlid, 1);
+    good_io_still_works(&mut io, 3);
+    std::fs::write(&cfg, base).unwrap();
+    srv.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(("127.0.0.1", extra)).is_ok() {
+        assert!(Instant::now() < deadline, "listener b was never removed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -225,12 +225,23 @@ impl Client {
     }
 
     pub fn connect(&mut self, qid: u16, cntlid: u16, subnqn: &str, hostnqn: &str) -> NvmeCpl {
+        self.connect_kato(qid, cntlid, subnqn, hostnqn, 30_000)
+    }
+
+    pub fn connect_kato(
+        &mut self,
+        qid: u16,
+        cntlid: u16,
+        subnqn: &str,
+        hostnqn: &str,
+        kato_ms: u32,
+    ) -> NvmeCpl {
         let mut c = NvmeCmd::default();
         c.set_opcode(spec::admin_opc::FABRICS);
         c.0[4] = spec::fctype::CONNECT;
         c.set_cdw(10, u32::from(qid) << 16);
         c.set_cdw(11, 31);
-        c.set_cdw(12, 30_000);
+        c.set_cdw(12, kato_ms);
         c.set_sgl(SglDescriptor {
             addr: 0,
             len: 1024,
