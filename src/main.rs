@@ -36,6 +36,10 @@ enum Cmd {
         /// Reactor threads (default: one per core).
         #[arg(long)]
         reactors: Option<usize>,
+        /// Microseconds a connection keeps polling after its last activity
+        /// before it sleeps in epoll (default 50; 0 = always sleep).
+        #[arg(long)]
+        poll_us: Option<u64>,
     },
     /// Userspace NVMe/TCP load generator: run, tiers, compare (see docs/bench.md).
     Bench(Box<strata_bench::BenchArgs>),
@@ -58,11 +62,13 @@ fn main() {
             listen,
             discovery,
             reactors,
+            poll_us,
         } => serve::run(serve::ServeArgs {
             config,
             listen,
             discovery,
             reactors,
+            poll_us,
         }),
         Cmd::Bench(args) => strata_bench::cli_main(*args),
         Cmd::Objbacker(args) => objbacker_cli::run(args),

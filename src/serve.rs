@@ -24,6 +24,7 @@ pub struct ServeArgs {
     pub listen: Vec<SocketAddr>,
     pub discovery: Option<SocketAddr>,
     pub reactors: Option<usize>,
+    pub poll_us: Option<u64>,
 }
 
 /// The discovery-only port. I/O listeners are numbered from 1.
@@ -271,6 +272,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let mut tc = TransportConfig::default();
     if let Some(r) = cfg.reactors {
         tc.reactors = r;
+    }
+    if let Some(p) = args.poll_us {
+        tc.poll_us = p;
     }
     let reactors = tc.reactors;
     let mut transport = Transport::start(target.clone(), tc)?;

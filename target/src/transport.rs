@@ -44,6 +44,11 @@ pub struct TransportConfig {
     /// Pin reactor i to CPU i (SPDK does; harmless when it fails).
     pub pin_cores: bool,
     pub limits: QueueLimits,
+    /// After its last activity a connection keeps polling its socket this
+    /// long before it parks in epoll. SPDK polls forever; a short window
+    /// catches the host's next command without a sleep and wakeup per batch,
+    /// and an idle target still uses no CPU.
+    pub poll_us: u64,
 }
 
 impl Default for TransportConfig {
@@ -52,6 +57,7 @@ impl Default for TransportConfig {
             reactors: std::thread::available_parallelism().map_or(1, |n| n.get()),
             pin_cores: true,
             limits: QueueLimits::default(),
+            poll_us: 50,
         }
     }
 }
@@ -97,6 +103,7 @@ impl Transport {
             let open = open.clone();
             let limits = cfg.limits;
             let pin = cfg.pin_cores;
+            let poll = Duration::from_micros(cfg.poll_us);
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("reactor-{i}"))
@@ -104,7 +111,7 @@ impl Transport {
                         if pin {
                             pin_to_cpu(i);
                         }
-                        reactor_main(rx, target, limits, shutdown, open, epoch)
+                        reactor_main(rx, target, limits, poll, shutdown, open, epoch)
                     })?,
             );
         }
@@ -239,6 +246,7 @@ fn reactor_main(
     mut conns: mpsc::UnboundedReceiver<NewConn>,
     target: Arc<Target>,
     limits: QueueLimits,
+    poll: Duration,
     mut shutdown: watch::Receiver<bool>,
     open: Arc<AtomicUsize>,
     epoch: Instant,
@@ -259,7 +267,7 @@ fn reactor_main(
                     live.retain(|h: &tokio::task::JoinHandle<()>| !h.is_finished());
                     live.push(tokio::task::spawn_local(async move {
                         let peer = c.stream.peer_addr().ok();
-                        match serve_connection(c, target, limits, sd, epoch).await {
+                        match serve_connection(c, target, limits, poll, sd, epoch).await {
                             Ok(reason) => tracing::debug!(?peer, ?reason, "connection closed"),
                             Err(e) => tracing::debug!(?peer, error = %e, "connection ended"),
                         }
@@ -280,6 +288,7 @@ async fn serve_connection(
     c: NewConn,
     target: Arc<Target>,
     limits: QueueLimits,
+    poll: Duration,
     mut shutdown: watch::Receiver<bool>,
     epoch: Instant,
 ) -> io::Result<Option<CloseReason>> {
@@ -293,6 +302,8 @@ async fn serve_connection(
         tick: tokio::time::interval(TICK),
         waker_set: false,
         epoch,
+        poll,
+        last_active: Instant::now(),
     };
     let result = poll_fn(|cx| {
         if shutdown.has_changed().unwrap_or(true) {
@@ -336,6 +347,8 @@ struct Conn {
     tick: tokio::time::Interval,
     waker_set: bool,
     epoch: Instant,
+    poll: Duration,
+    last_active: Instant,
 }
 
 impl Conn {
@@ -398,10 +411,17 @@ impl Conn {
                 qp.on_tick(self.now_ms());
                 progress = true;
             }
-            if !progress {
+            if progress {
+                self.last_active = Instant::now();
+            } else {
                 let readable = qp.close_reason().is_none() && stream.poll_read_ready(cx).is_ready();
                 let writable = qp.has_tx() && stream.poll_write_ready(cx).is_ready();
                 if !readable && !writable {
+                    if self.last_active.elapsed() < self.poll {
+                        // Stay runnable: the reactor comes back to us after
+                        // its other connections, without an epoll sleep.
+                        cx.waker().wake_by_ref();
+                    }
                     return Poll::Pending;
                 }
             }
