@@ -15,9 +15,7 @@ use strata_target::bdev::ram::RamBdev;
 use strata_target::pdu::{self, ICReq};
 use strata_target::queue::{QueueLimits, QueuePair};
 use strata_target::spec::{self, ConnectData, NvmeCmd, SglDescriptor};
-use strata_target::subsystem::{
-    NamespaceConfig, PortConfig, SubsystemConfig, Target, TargetConfig,
-};
+use strata_target::subsystem::{Target, TargetConfig};
 
 use crate::job::parse_size;
 
@@ -142,31 +140,7 @@ pub fn run(a: &InprocArgs) -> Result<InprocResult> {
     }
     let dg = a.digests;
     let bdev = RamBdev::new("inproc", 64 << 20, 512)?;
-    let t: Arc<Target> = Target::new(TargetConfig {
-        subsystems: vec![SubsystemConfig {
-            nqn: NQN.into(),
-            serial: "INPROC".into(),
-            model: "Strata".into(),
-            allow_any_host: true,
-            hosts: vec![],
-            namespaces: vec![NamespaceConfig {
-                nsid: 1,
-                bdev,
-                uuid: [1; 16],
-                nguid: [1; 16],
-                eui64: [1; 8],
-                anagrpid: 1,
-            }],
-            ports: vec![1],
-        }],
-        ports: vec![PortConfig {
-            id: 1,
-            traddr: "127.0.0.1".into(),
-            trsvcid: "4420".into(),
-            adrfam_ipv6: false,
-            ana: Default::default(),
-        }],
-    });
+    let t: Arc<Target> = Target::new(TargetConfig::single_namespace(NQN, bdev, 1));
     let mut out = Vec::with_capacity(4 << 20);
     let mut admin = QueuePair::new(t.clone(), 1, QueueLimits::default());
     let (ic, conn) = connect_pdus(0, 0xffff, dg);

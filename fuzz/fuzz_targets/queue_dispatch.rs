@@ -11,37 +11,13 @@ use strata_target::bdev::ram::RamBdev;
 use strata_target::pdu::{self, ICReq};
 use strata_target::queue::{QueueLimits, QueuePair};
 use strata_target::spec::{self, ConnectData, NvmeCmd, SglDescriptor};
-use strata_target::subsystem::{NamespaceConfig, PortConfig, SubsystemConfig, Target, TargetConfig};
+use strata_target::subsystem::{Target, TargetConfig};
 
 const NQN: &str = "nqn.2026-11.dev.strata:fuzz";
 const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:fuzz";
 
 fn target() -> Arc<Target> {
-    Target::new(TargetConfig {
-        subsystems: vec![SubsystemConfig {
-            nqn: NQN.into(),
-            serial: "F".into(),
-            model: "Strata".into(),
-            allow_any_host: true,
-            hosts: vec![],
-            namespaces: vec![NamespaceConfig {
-                nsid: 1,
-                bdev: RamBdev::new("f", 1 << 20, 512).unwrap(),
-                uuid: [1; 16],
-                nguid: [1; 16],
-                eui64: [1; 8],
-                anagrpid: 1,
-            }],
-            ports: vec![1],
-        }],
-        ports: vec![PortConfig {
-            id: 1,
-            traddr: "127.0.0.1".into(),
-            trsvcid: "4420".into(),
-            adrfam_ipv6: false,
-            ana: Default::default(),
-        }],
-    })
+    Target::new(TargetConfig::single_namespace(NQN, RamBdev::new("f", 1 << 20, 512).unwrap(), 1))
 }
 
 fn feed(qp: &mut QueuePair, bytes: &[u8]) {

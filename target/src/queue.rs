@@ -454,15 +454,15 @@ impl QueuePair {
             // The codec rejects every other type for the target role.
             other => {
                 tracing::error!(?other, "codec passed a PDU type the target cannot receive");
-                self.fatal(
-                    PduError {
-                        fes: FatalErrorStatus::InvalidHeaderField,
-                        fei: 0,
-                    },
-                    Vec::new(),
-                );
+                self.terminate(FatalErrorStatus::InvalidHeaderField, 0);
             }
         }
+    }
+
+    /// Ends the connection for a PDU that was well-formed but violated the
+    /// protocol state (sequence, transfer tags, data ranges).
+    fn terminate(&mut self, fes: FatalErrorStatus, fei: u32) {
+        self.fatal(PduError { fes, fei }, Vec::new());
     }
 
     fn fatal(&mut self, e: PduError, hdr: Vec<u8>) {
@@ -484,33 +484,15 @@ impl QueuePair {
 
     fn on_icreq(&mut self, req: pdu::ICReq) {
         if !matches!(self.role, Role2::AwaitIcReq) {
-            return self.fatal(
-                PduError {
-                    fes: FatalErrorStatus::PduSequenceError,
-                    fei: 0,
-                },
-                Vec::new(),
-            );
+            return self.terminate(FatalErrorStatus::PduSequenceError, 0);
         }
         if req.pfv != 0 {
-            return self.fatal(
-                PduError {
-                    fes: FatalErrorStatus::UnsupportedParameter,
-                    fei: 8,
-                },
-                Vec::new(),
-            );
+            return self.terminate(FatalErrorStatus::UnsupportedParameter, 8);
         }
         // We place C2H data right after the header (PDO = HLEN + HDGST), which
         // satisfies only HPDA 0; every host we know sends 0.
         if req.hpda != 0 {
-            return self.fatal(
-                PduError {
-                    fes: FatalErrorStatus::UnsupportedParameter,
-                    fei: 10,
-                },
-                Vec::new(),
-            );
+            return self.terminate(FatalErrorStatus::UnsupportedParameter, 10);
         }
         self.hdgst = req.hdgst;
         self.ddgst = req.ddgst;
@@ -556,13 +538,7 @@ impl QueuePair {
         // The codec bounds every payload by the larger of the two limits;
         // capsules have the smaller one.
         if data_len > self.limits.in_capsule_data as usize {
-            return self.fatal(
-                PduError {
-                    fes: FatalErrorStatus::DataLimitExceeded,
-                    fei: 0,
-                },
-                Vec::new(),
-            );
+            return self.terminate(FatalErrorStatus::DataLimitExceeded, 0);
         }
         let sgl = cmd.sgl();
         // In-capsule data must be described by an offset data block SGL of
@@ -877,13 +853,7 @@ impl QueuePair {
             }
             Ok(IoPlan::Bdev { chan, xfer }) => {
                 let Some(slot) = self.alloc_slot(cmd) else {
-                    self.fatal(
-                        PduError {
-                            fes: FatalErrorStatus::PduSequenceError,
-                            fei: 0,
-                        },
-                        Vec::new(),
-                    );
+                    self.terminate(FatalErrorStatus::PduSequenceError, 0);
                     return;
                 };
                 let buf = if xfer > 0 {
@@ -997,13 +967,7 @@ impl QueuePair {
             .get(idx as usize)
             .is_some_and(|s| s.state == SlotState::AwaitingH2C && s.cmd.cid() == h.cccid);
         if !ok {
-            return self.fatal(
-                PduError {
-                    fes: FatalErrorStatus::InvalidHeaderField,
-                    fei: 10,
-                },
-                Vec::new(),
-            );
+            return self.terminate(FatalErrorStatus::InvalidHeaderField, 10);
         }
         let s = &self.slots[idx as usize];
         // Data must arrive in order and inside what the R2T asked for.
@@ -1011,24 +975,12 @@ impl QueuePair {
             || u64::from(h.datao) + u64::from(h.datal) > u64::from(s.xfer_len)
             || h.datal as usize != data_len
         {
-            return self.fatal(
-                PduError {
-                    fes: FatalErrorStatus::DataOutOfRange,
-                    fei: 12,
-                },
-                Vec::new(),
-            );
+            return self.terminate(FatalErrorStatus::DataOutOfRange, 12);
         }
         let end = h.datao + h.datal;
         let last = end == s.xfer_len;
         if h.last != last {
-            return self.fatal(
-                PduError {
-                    fes: FatalErrorStatus::InvalidHeaderField,
-                    fei: 1,
-                },
-                Vec::new(),
-            );
+            return self.terminate(FatalErrorStatus::InvalidHeaderField, 1);
         }
         self.slots[idx as usize].received = end;
         if last {

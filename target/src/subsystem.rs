@@ -157,6 +157,38 @@ pub struct TargetConfig {
 }
 
 impl TargetConfig {
+    /// One subsystem with one namespace on one 127.0.0.1 port, open to every
+    /// host: what unit tests, fuzz targets and the in-process benchmark need.
+    pub fn single_namespace(nqn: &str, bdev: Arc<dyn Bdev>, port_id: u16) -> Self {
+        Self {
+            subsystems: vec![SubsystemConfig {
+                nqn: nqn.into(),
+                serial: "STRATA".into(),
+                model: "Strata".into(),
+                allow_any_host: true,
+                hosts: vec![],
+                namespaces: vec![NamespaceConfig {
+                    nsid: 1,
+                    bdev,
+                    uuid: [1; 16],
+                    nguid: [1; 16],
+                    eui64: [1; 8],
+                    anagrpid: 1,
+                }],
+                ports: vec![port_id],
+            }],
+            ports: vec![PortConfig {
+                id: port_id,
+                traddr: "127.0.0.1".into(),
+                trsvcid: "4420".into(),
+                adrfam_ipv6: false,
+                ana: Default::default(),
+            }],
+        }
+    }
+}
+
+impl TargetConfig {
     pub fn subsystem(&self, nqn: &str) -> Option<&SubsystemConfig> {
         self.subsystems.iter().find(|s| s.nqn == nqn)
     }
