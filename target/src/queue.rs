@@ -27,6 +27,11 @@ use crate::spec::{
 };
 use crate::subsystem::{AnaState, Target};
 
+/// Payloads at least this large are read from the socket straight into
+/// their command's buffer; smaller ones are cheaper to copy from the
+/// receive buffer than to read with a syscall of their own.
+const DIRECT_RX_MIN: usize = 16 * 1024;
+
 /// Limits every queue pair enforces; the controller advertises the same
 /// values in Identify and ICResp.
 #[derive(Clone, Copy, Debug)]
@@ -345,7 +350,7 @@ impl QueuePair {
                 dest,
                 crc,
                 ddgst,
-                then,
+                ..
             } => {
                 if *skip > 0 {
                     let n = (*skip).min(buf.len());
@@ -372,22 +377,7 @@ impl QueuePair {
                     DataDest::Small => self.small_data.extend_from_slice(chunk),
                     DataDest::Discard => {}
                 }
-                *remaining -= n;
-                if *remaining == 0 {
-                    let then = *then;
-                    if *ddgst {
-                        let crc = *crc;
-                        self.rx = Rx::Digest {
-                            crc,
-                            got: [0; 4],
-                            have: 0,
-                            then,
-                        };
-                    } else {
-                        self.rx = Rx::Header;
-                        self.after_data(then, true);
-                    }
-                }
+                self.payload_advanced(n);
                 n
             }
             Rx::Digest {
@@ -409,6 +399,82 @@ impl QueuePair {
             }
             Rx::Header => 0,
         }
+    }
+
+    /// `n` payload bytes are in place (copied by `on_payload_bytes`, or read
+    /// straight into the buffer through `direct_rx`).
+    fn payload_advanced(&mut self, n: usize) {
+        let Rx::Payload {
+            remaining,
+            crc,
+            ddgst,
+            then,
+            ..
+        } = &mut self.rx
+        else {
+            return;
+        };
+        *remaining -= n;
+        if *remaining > 0 {
+            return;
+        }
+        let then = *then;
+        if *ddgst {
+            let crc = *crc;
+            self.rx = Rx::Digest {
+                crc,
+                got: [0; 4],
+                have: 0,
+                then,
+            };
+        } else {
+            self.rx = Rx::Header;
+            self.after_data(then, true);
+        }
+    }
+
+    /// Where the socket may write payload bytes directly, skipping the
+    /// receive buffer: the rest of a large data transfer into a command's
+    /// buffer. `None` when the next bytes are headers, padding, digests or
+    /// small payloads, which go through `handle_input`.
+    pub fn direct_rx(&mut self) -> Option<&mut [u8]> {
+        let Rx::Payload {
+            skip: 0,
+            remaining,
+            dest: DataDest::Slot { slot, off },
+            ..
+        } = &self.rx
+        else {
+            return None;
+        };
+        if *remaining < DIRECT_RX_MIN {
+            return None;
+        }
+        let (o, n) = (*off as usize, *remaining);
+        let b = self.slots.get_mut(*slot as usize)?.buf.as_mut()?;
+        b.get_mut(o..o + n)
+    }
+
+    /// Records that `n` bytes were read into the slice `direct_rx` gave.
+    pub fn direct_rx_done(&mut self, n: usize) {
+        let Rx::Payload {
+            dest: DataDest::Slot { slot, off },
+            crc,
+            ddgst,
+            remaining,
+            ..
+        } = &mut self.rx
+        else {
+            return;
+        };
+        let n = n.min(*remaining);
+        if *ddgst && let Some(b) = self.slots.get(*slot as usize).and_then(|s| s.buf.as_ref()) {
+            let o = *off as usize;
+            *crc = pdu::crc32c_append(*crc, &b[o..o + n]);
+        }
+        *off += n as u32;
+        self.payload_advanced(n);
+        self.flush_submissions();
     }
 
     fn start_payload(

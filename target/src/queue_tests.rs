@@ -601,3 +601,67 @@ fn keep_alive_expiry_destroys_the_controller() {
     io.qp.on_tick(io.now + 60_000);
     assert!(io.qp.close_reason().is_some());
 }
+
+#[test]
+fn large_write_data_can_be_read_straight_into_the_command_buffer() {
+    for digests in [false, true] {
+        let t = target_with(AnaState::Optimized);
+        let (_admin, mut io) = bring_up(&t, digests);
+        let data = pattern(1 << 20, 9);
+        let r = io.capsule(io_cmd(io_opc::WRITE, 2048, 2048, true), &[]);
+        let [Rsp::R2T(r2t)] = &r[..] else {
+            panic!("{r:?}")
+        };
+        let (r2t_cccid, r2t_ttag) = (r2t.cccid, r2t.ttag);
+        let mut off = 0;
+        let mut direct = 0;
+        while off < data.len() {
+            let n = (data.len() - off).min(ctrlr::MAXH2CDATA as usize);
+            let mut hdr = Vec::new();
+            pdu::encode_h2c_data(
+                &pdu::H2CData {
+                    cccid: r2t_cccid,
+                    ttag: r2t_ttag,
+                    datao: off as u32,
+                    datal: n as u32,
+                    last: off + n == data.len(),
+                },
+                io.hdgst,
+                io.ddgst,
+                &mut hdr,
+            );
+            assert_eq!(io.qp.handle_input(&hdr, 0), hdr.len());
+            // The "socket" writes the payload into the buffer in odd chunks.
+            let mut p = 0;
+            while p < n {
+                let dst = io.qp.direct_rx().expect("payload goes direct");
+                let k = dst.len().min(10_000).min(n - p);
+                dst[..k].copy_from_slice(&data[off + p..off + p + k]);
+                io.qp.direct_rx_done(k);
+                p += k;
+                direct += k;
+                if n - p < super::DIRECT_RX_MIN {
+                    break;
+                }
+            }
+            let mut tail = data[off + p..off + n].to_vec();
+            if io.ddgst {
+                pdu::encode_ddgst(pdu::crc32c(&data[off..off + n]), &mut tail);
+            }
+            assert_eq!(io.qp.handle_input(&tail, 0), tail.len());
+            off += n;
+        }
+        assert!(direct > data.len() / 2);
+        let r = io.pump();
+        let Some(Rsp::Cpl(c)) = r.last() else {
+            panic!("{r:?}")
+        };
+        assert!(c.status.is_success());
+        let (c, back) = read(&mut io, 2048, 2048);
+        assert!(c.status.is_success());
+        assert!(
+            back == data,
+            "direct-read write data differs (digests={digests})"
+        );
+    }
+}

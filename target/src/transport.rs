@@ -366,7 +366,22 @@ impl Conn {
     ) -> Poll<io::Result<Option<CloseReason>>> {
         for _ in 0..BUDGET {
             let mut progress = false;
-            if qp.close_reason().is_none() {
+            if qp.close_reason().is_none()
+                && self.rx_len == 0
+                && let Some(dst) = qp.direct_rx()
+            {
+                // Large write data goes from the socket into the command's
+                // buffer with no intermediate copy.
+                match stream.try_read(dst) {
+                    Ok(0) => return Poll::Ready(Ok(None)),
+                    Ok(n) => {
+                        qp.direct_rx_done(n);
+                        progress = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            } else if qp.close_reason().is_none() {
                 match stream.try_read(&mut self.rx[self.rx_len..]) {
                     Ok(0) => return Poll::Ready(Ok(None)),
                     Ok(n) => {
