@@ -152,7 +152,7 @@ fn workload(
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
         n += 1;
-        if n % FLUSH_EVERY == 0 {
+        if n.is_multiple_of(FLUSH_EVERY) {
             let snapshot = h.lock().unwrap().completed.clone();
             match flush(&mut q) {
                 None => return,

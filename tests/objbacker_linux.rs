@@ -267,7 +267,7 @@ fn linux_host_on_s3_azure_gcs_and_local_objbacker_namespaces() {
                 }
                 _ => Err(format!("unknown action {action}")),
             };
-            let line = match result {
+            match result {
                 Ok(s) => {
                     checks.lock().unwrap().push(format!("ok {action}: {s}"));
                     "ok".to_string()
@@ -276,8 +276,7 @@ fn linux_host_on_s3_azure_gcs_and_local_objbacker_namespaces() {
                     checks.lock().unwrap().push(format!("FAIL {action}: {e}"));
                     format!("FAIL {e}")
                 }
-            };
-            line
+            }
         })
     };
 
