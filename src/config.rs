@@ -96,6 +96,10 @@ struct RawNamespace {
     inject_latency_ms: Option<f64>,
     inject_error_rate: Option<f64>,
     inject_timeout_rate: Option<f64>,
+    /// Time limit of one store request, and total retry time of one store
+    /// operation before the host gets an error.
+    request_timeout_ms: Option<u64>,
+    retry_budget_ms: Option<u64>,
 }
 
 /// What backs a namespace.
@@ -122,6 +126,9 @@ pub enum BackingSpec {
         /// Injected per-request latency (µs) and error/timeout rates (ppm):
         /// integers so the spec stays `Eq + Hash`.
         inject: Option<(u64, u32, u32)>,
+        /// Per-request time limit and per-operation retry budget (ms).
+        request_timeout_ms: Option<u64>,
+        retry_budget_ms: Option<u64>,
     },
 }
 
@@ -534,7 +541,21 @@ impl ServeConfig {
                                 )
                             })?),
                         };
+                        let ms = |v: Option<u64>, name: &str| -> Result<Option<u64>, ConfigError> {
+                            match v {
+                                Some(x) if !(1..=3_600_000).contains(&x) => Err(err(
+                                    &f(name),
+                                    format!("{x} ms is out of range"),
+                                    "use 1 to 3600000 (milliseconds), or omit it for the default (30000)",
+                                )),
+                                v => Ok(v),
+                            }
+                        };
+                        let request_timeout_ms = ms(n.request_timeout_ms, "request_timeout_ms")?;
+                        let retry_budget_ms = ms(n.retry_budget_ms, "retry_budget_ms")?;
                         BackingSpec::ObjBacker {
+                            request_timeout_ms,
+                            retry_budget_ms,
                             buckets,
                             size: size.ok_or_else(|| {
                                 err(
@@ -703,6 +724,10 @@ mod tests {
 
         let e = ServeConfig::parse("[[subsystem]]\nnqn='nqn.a:b'\n[[subsystem.namespace]]\nnsid=1\ntype='disk'\nsize='1M'\n", "y.toml").unwrap_err();
         assert_eq!(e.field, "subsystem[0].namespace[0].type");
+
+        let e = ServeConfig::parse("[[subsystem]]\nnqn='nqn.a:b'\n[[subsystem.namespace]]\nnsid=1\ntype='objbacker'\nsize='1M'\nbuckets=['file:///tmp/x']\nretry_budget_ms=0\n", "u.toml").unwrap_err();
+        assert_eq!(e.field, "subsystem[0].namespace[0].retry_budget_ms");
+        assert!(e.fix.contains("milliseconds"), "{e}");
 
         let e =
             ServeConfig::parse("[[subsystem]]\nnqn='nqn.a:b'\nbogus=1\n", "z.toml").unwrap_err();

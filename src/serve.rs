@@ -347,6 +347,8 @@ pub fn objbacker_config(name: &str, b: &BackingSpec, block_size: u32) -> ObjBack
         max_in_flight,
         writeback_bytes,
         inject,
+        request_timeout_ms,
+        retry_budget_ms,
         ..
     } = b
     else {
@@ -362,6 +364,12 @@ pub fn objbacker_config(name: &str, b: &BackingSpec, block_size: u32) -> ObjBack
         block_size,
         max_in_flight: max_in_flight.unwrap_or(d.max_in_flight),
         writeback_bytes: writeback_bytes.unwrap_or(d.writeback_bytes),
+        request_timeout: request_timeout_ms
+            .map(std::time::Duration::from_millis)
+            .unwrap_or(d.request_timeout),
+        retry_budget: retry_budget_ms
+            .map(std::time::Duration::from_millis)
+            .unwrap_or(d.retry_budget),
         fault: inject.map(
             |(lat_us, err_ppm, timeout_ppm)| strata_objbacker::FaultConfig {
                 latency: if lat_us == 0 {

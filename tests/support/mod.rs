@@ -360,3 +360,40 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+pub mod objstores;
+
+impl Server {
+    /// [`Server::start_on`] with another `STRATA_LOG` filter (e.g. to see
+    /// objbacker's retry lines at debug level).
+    pub fn start_with_log(
+        config: &Path,
+        dir: &Path,
+        port: u16,
+        discovery_port: u16,
+        filter: &str,
+    ) -> Server {
+        let log = dir.join(format!("serve-{port}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_strata"))
+            .arg("serve")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--discovery")
+            .arg(format!("127.0.0.1:{discovery_port}"))
+            .arg("--config")
+            .arg(config)
+            .env("STRATA_LOG", filter)
+            .env("STRATA_DATA_DIR", dir.join("data"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn strata serve");
+        let s = Server {
+            child,
+            port,
+            discovery_port,
+            log,
+        };
+        s.wait_ready(port);
+        s
+    }
+}
