@@ -426,7 +426,10 @@ impl ServeChild {
         let deadline = Instant::now() + Duration::from_secs(60);
         while TcpStream::connect(sc.addr).is_err() {
             if let Some(st) = sc.child.try_wait()? {
-                bail!("strata serve ({label}) exited with {st}; log:\n{}", sc.log_tail());
+                bail!(
+                    "strata serve ({label}) exited with {st}; log:\n{}",
+                    sc.log_tail()
+                );
             }
             if Instant::now() > deadline {
                 bail!(
@@ -504,7 +507,13 @@ pub fn nvme_flush(opts: &ConnectOpts, timeout: Duration) -> Result<Duration> {
 }
 
 fn load_run(opts: &ConnectOpts, spec: &JobSpec) -> Result<load::RunOutput> {
-    load::run(opts, spec, None, Arc::new(Progress::default()), &mut |_, _| {})
+    load::run(
+        opts,
+        spec,
+        None,
+        Arc::new(Progress::default()),
+        &mut |_, _| {},
+    )
 }
 
 /// 1 MiB sequential write for the runtime, FLUSH (timed with the writes),
@@ -700,7 +709,9 @@ pub fn run(s: &Settings, bin: &Path, dir: Option<&Path>, progress: bool) -> Resu
             d.to_path_buf()
         }
         None => {
-            tmp = tempfile::Builder::new().prefix("strata-objbench").tempdir()?;
+            tmp = tempfile::Builder::new()
+                .prefix("strata-objbench")
+                .tempdir()?;
             tmp.path().to_path_buf()
         }
     };
@@ -786,7 +797,10 @@ pub fn run(s: &Settings, bin: &Path, dir: Option<&Path>, progress: bool) -> Resu
     let raw_stores = Arc::new(raw_stores);
     let raw_lat_stores = with_latency(&raw_stores, s.latency_ms);
 
-    log(progress, &format!("starting strata serve ({})", bin.display()));
+    log(
+        progress,
+        &format!("starting strata serve ({})", bin.display()),
+    );
     let ns0 = ServeChild::start(
         bin,
         &dir,
@@ -805,7 +819,8 @@ pub fn run(s: &Settings, bin: &Path, dir: Option<&Path>, progress: bool) -> Resu
         s,
         s.latency_ms,
     )?;
-    let with_log = |sc: &ServeChild, e: anyhow::Error| e.context(format!("serve log:\n{}", sc.log_tail()));
+    let with_log =
+        |sc: &ServeChild, e: anyhow::Error| e.context(format!("serve log:\n{}", sc.log_tail()));
 
     let mut rounds = Vec::new();
     for r in 1..=s.rounds {
