@@ -689,6 +689,9 @@ fn files_modified_since(dirs: &[PathBuf], since: SystemTime) -> Result<(u64, u64
     Ok((n, bytes))
 }
 
+/// Per-bucket locations (URLs, directories) of a key prefix.
+type PerPrefix<T> = Box<dyn Fn(&str) -> Vec<T>>;
+
 fn log(progress: bool, msg: &str) {
     if progress {
         eprintln!("objbench: {msg}");
@@ -731,10 +734,10 @@ pub fn run(s: &Settings, bin: &Path, dir: Option<&Path>, progress: bool) -> Resu
     let nb = s.buckets;
     let server;
     let (ns_urls, raw_stores, store_options, file_dirs): (
-        Box<dyn Fn(&str) -> Vec<String>>,
+        PerPrefix<String>,
         Vec<Arc<dyn ObjectStore>>,
         Vec<(&'static str, String)>,
-        Box<dyn Fn(&str) -> Vec<PathBuf>>,
+        PerPrefix<PathBuf>,
     ) = match s.backend {
         Backend::S3 => {
             let root = dir.join("s3");
