@@ -691,6 +691,13 @@ fn files_modified_since(dirs: &[PathBuf], since: SystemTime) -> Result<(u64, u64
 
 /// Per-bucket locations (URLs, directories) of a key prefix.
 type PerPrefix<T> = Box<dyn Fn(&str) -> Vec<T>>;
+/// Namespace bucket URLs, raw clients, store_options, directories (file).
+type BackendSetup = (
+    PerPrefix<String>,
+    Vec<Arc<dyn ObjectStore>>,
+    Vec<(&'static str, String)>,
+    PerPrefix<PathBuf>,
+);
 
 fn log(progress: bool, msg: &str) {
     if progress {
@@ -733,12 +740,7 @@ pub fn run(s: &Settings, bin: &Path, dir: Option<&Path>, progress: bool) -> Resu
 
     let nb = s.buckets;
     let server;
-    let (ns_urls, raw_stores, store_options, file_dirs): (
-        PerPrefix<String>,
-        Vec<Arc<dyn ObjectStore>>,
-        Vec<(&'static str, String)>,
-        PerPrefix<PathBuf>,
-    ) = match s.backend {
+    let (ns_urls, raw_stores, store_options, file_dirs): BackendSetup = match s.backend {
         Backend::S3 => {
             let root = dir.join("s3");
             for k in 0..nb {
