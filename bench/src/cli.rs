@@ -32,6 +32,9 @@ pub enum BenchCmd {
     Compare(CompareArgs),
     /// The target's codec + queue pair + controller path in process, no sockets.
     Inproc(crate::inproc::InprocArgs),
+    /// Object-backed namespace throughput through NVMe/TCP against the raw
+    /// object_store client, injected latency, and write coalescing.
+    Objbacker(crate::objbench::ObjBenchArgs),
 }
 
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -181,6 +184,7 @@ pub fn cli_main(args: BenchArgs) -> Result<()> {
         BenchCmd::Tiers(a) => crate::tiers::cmd_tiers(a),
         BenchCmd::Compare(a) => crate::compare::cmd_compare(a),
         BenchCmd::Inproc(a) => crate::inproc::cmd_inproc(a),
+        BenchCmd::Objbacker(a) => crate::objbench::cmd_objbench(a),
     }
 }
 

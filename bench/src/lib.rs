@@ -10,7 +10,9 @@
 //! * [`tiers`] / [`compare`]: the tier search and A/B comparison.
 //! * [`minitarget`]: a tiny in-process target, the null path the
 //!   initiator's overhead is measured against.
-//! * [`cli`]: `strata bench run|tiers|compare` ([`BenchArgs`], [`cli_main`]).
+//! * [`objbench`]: `strata bench objbacker`, object-backed namespace
+//!   throughput against the raw object_store client.
+//! * [`cli`]: `strata bench run|tiers|compare|objbacker` ([`BenchArgs`], [`cli_main`]).
 
 pub mod cli;
 pub mod compare;
@@ -20,6 +22,7 @@ pub mod inproc;
 pub mod job;
 pub mod load;
 pub mod minitarget;
+pub mod objbench;
 pub mod plot;
 pub mod report;
 pub mod stats;

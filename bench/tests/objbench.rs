@@ -1,0 +1,124 @@
+//! `strata bench objbacker` with tiny settings against a real `strata serve`
+//! child and the embedded S3 server. Asserts only that every figure is
+//! produced and positive, and what coalescing can guarantee (no more PUTs
+//! than writes); no timed thresholds.
+//!
+//! The binary is found as `$STRATA_BIN`, else `build/{debug,release}/strata`
+//! under the workspace root, else built with `cargo build --bin strata`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use strata_bench::objbench::{self, Backend, ObjBenchArgs, Settings};
+
+fn supports_objbacker_serve(bin: &Path) -> bool {
+    Command::new(bin)
+        .args(["objbacker", "--help"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn strata_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("STRATA_BIN") {
+        return PathBuf::from(p);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("bench/ has a parent")
+        .to_path_buf();
+    for prof in ["debug", "release"] {
+        let p = root.join("build").join(prof).join("strata");
+        if p.exists() && supports_objbacker_serve(&p) {
+            return p;
+        }
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let ok = Command::new(cargo)
+        .args(["build", "--bin", "strata"])
+        .current_dir(&root)
+        .status()
+        .is_ok_and(|s| s.success());
+    let p = root.join("build/debug/strata");
+    assert!(
+        ok && supports_objbacker_serve(&p),
+        "no `strata` binary with objbacker namespaces; set STRATA_BIN"
+    );
+    p
+}
+
+fn tiny(backend: Backend) -> Settings {
+    Settings::from_args(&ObjBenchArgs {
+        backend,
+        size: "64MiB".into(),
+        buckets: 3,
+        qd: 8,
+        runtime: "1s".into(),
+        latency_ms: 20.0,
+        rounds: 1,
+        rand_size: "8MiB".into(),
+        strata_bin: None,
+        dir: None,
+        json: None,
+    })
+    .unwrap()
+}
+
+#[test]
+fn objbacker_bench_s3_produces_every_figure() {
+    let dir = tempfile::tempdir().unwrap();
+    let rep = objbench::run(&tiny(Backend::S3), &strata_bin(), Some(dir.path()), true)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    eprint!("{}", rep.table());
+
+    // The JSON document, as `--json` writes it.
+    let v = serde_json::to_value(&rep).unwrap();
+    let text = serde_json::to_string_pretty(&v).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["schema_version"], 1);
+    assert_eq!(v["rounds"].as_array().unwrap().len(), 1);
+    for name in [
+        "raw_write",
+        "raw_read",
+        "nvme_write",
+        "nvme_read",
+        "raw_lat_write",
+        "raw_lat_read",
+        "nvme_lat_write",
+        "nvme_lat_read",
+    ] {
+        let f = v["throughput"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == name)
+            .unwrap_or_else(|| panic!("figure {name} missing:\n{text}"));
+        for k in ["mean", "min", "max"] {
+            assert!(f[k].as_f64().unwrap() > 0.0, "{name}.{k}:\n{text}");
+        }
+    }
+    let ratios = v["ratios"].as_array().unwrap();
+    assert_eq!(ratios.len(), 8, "{text}");
+    for f in ratios {
+        assert!(f["mean"].as_f64().unwrap() > 0.0, "{}:\n{text}", f["name"]);
+    }
+    let r = &v["rounds"][0];
+    for side in ["raw", "nvme", "raw_lat", "nvme_lat"] {
+        for op in ["write", "read"] {
+            let t = &r[side][op];
+            assert!(t["ios"].as_u64().unwrap() > 0, "{side}.{op}:\n{text}");
+            assert!(t["bytes_per_s"].as_f64().unwrap() > 0.0, "{side}.{op}");
+        }
+    }
+    assert!(r["nvme"]["flush_s"].as_f64().unwrap() > 0.0);
+
+    let c = &v["coalescing"];
+    assert_eq!(c["puts_exact"], true, "counted at the S3 server");
+    let (writes, puts) = (c["writes"].as_u64().unwrap(), c["puts"].as_u64().unwrap());
+    assert!(writes > 0 && puts > 0, "{c}");
+    assert!(c["put_bytes"].as_u64().unwrap() > 0, "{c}");
+    // Coalescing can only reduce PUTs.
+    assert!(puts <= writes, "{c}");
+    assert!(c["writes_per_put"].as_f64().unwrap() >= 1.0, "{c}");
+}
