@@ -102,6 +102,12 @@ enum Inflight {
 struct Obj {
     dirty: Option<Layer>,
     dirty_since: Instant,
+    /// Host writes completed the buffer's coverage: write it back now (one
+    /// PUT per sequentially filled object). A buffer made whole by a
+    /// read-modify-write is not eager: later small writes into it wait for
+    /// the write-back delay, so a hot object is PUT once per delay, not
+    /// once per PUT round trip.
+    eager: bool,
     inflight: Option<Inflight>,
     busy: bool,
     ver: u64,
@@ -140,6 +146,7 @@ impl State {
         let o = self.objs.entry(i).or_insert_with(|| Obj {
             dirty: None,
             dirty_since: Instant::now(),
+            eager: false,
             inflight: None,
             busy: false,
             ver: base,
@@ -442,18 +449,22 @@ impl Inner {
                     if buf.is_empty() {
                         buf.resize(len as usize, 0);
                     }
+                    let was_complete = cov.covers(0, len);
                     buf[off as usize..off as usize + data.len()].copy_from_slice(data);
                     cov.insert(off, off + data.len() as u64);
                     let complete = cov.covers(0, len);
                     if was_clean {
                         o.dirty_since = Instant::now();
                     }
-                    let idle = !o.busy;
-                    // A complete object needs no read-modify-write: write it
-                    // back now; this is what turns sequential small writes
-                    // into one PUT per object.
+                    if complete && !was_complete {
+                        o.eager = true;
+                    }
+                    let eager_now = o.eager && !o.busy;
+                    // An object the host just completed needs no
+                    // read-modify-write: write it back now; this is what
+                    // turns sequential small writes into one PUT per object.
                     let over = st.dirty_bytes > self.writeback_bytes / 2;
-                    if (complete && idle) || over {
+                    if eager_now || over {
                         self.kick.notify_one();
                     }
                     return Ok((i, ver));
@@ -500,6 +511,7 @@ impl Inner {
                 Some(Layer::Buf { .. }) => Op::Rmw,
             };
             o.busy = true;
+            o.eager = false;
             let ver = o.ver;
             st.busy_count += 1;
             (op, ver)
@@ -583,6 +595,10 @@ impl Inner {
                     o.durable_ver = o.durable_ver.max(ver);
                     if o.ver == ver {
                         freed = matches!(o.dirty.take(), Some(Layer::Buf { .. }));
+                    } else {
+                        // Written again during the PUT: those writes age
+                        // from now, like any other dirty data.
+                        o.dirty_since = Instant::now();
                     }
                 }
                 Err(_) => o.last_fail_seq = fail_seq,
@@ -886,8 +902,10 @@ impl Inner {
                     .iter()
                     .filter(|(_, o)| !o.busy && o.dirty.is_some())
                     .map(|(&i, o)| {
+                        // Eager objects and DELETEs go now; everything
+                        // else waits for its delay or for buffer pressure.
                         let complete = match &o.dirty {
-                            Some(Layer::Buf { cov, .. }) => cov.covers(0, me.geo.obj_len(i)),
+                            Some(Layer::Buf { .. }) => o.eager,
                             _ => true,
                         };
                         let bytes = match &o.dirty {

@@ -649,3 +649,50 @@ async fn fsck_flags_stray_keys_and_objects_beyond_the_device() {
             .any(|p| matches!(p, FsckProblem::SuperblockMissing { .. }))
     );
 }
+
+/// Small writes into an object that a read-modify-write already made whole
+/// wait for the write-back delay: a hot object is PUT once per delay (or per
+/// FLUSH), not once per PUT round trip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_during_a_put_wait_for_the_delay_instead_of_re_putting_at_once() {
+    let cfg = test_cfg(mem_urls(1), 4 * OBJ, OBJ);
+    let mem = Arc::new(InMemory::new());
+    format_with_stores(&cfg, vec![mem.clone()], FormatOptions::default())
+        .await
+        .unwrap();
+    let store = slow(&mem, Latency::Fixed(Duration::from_millis(100)));
+    let dev = ObjBacker::attach_with_stores(cfg.clone(), vec![store])
+        .await
+        .unwrap();
+    dev.write_at(0, Bytes::from(vec![1u8; 4096]), false)
+        .await
+        .unwrap();
+    let d2 = dev.clone();
+    let flush = tokio::spawn(async move { d2.flush().await });
+    // The flush's GET (100 ms) is done and its PUT in flight: write more.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    dev.write_at(8192, Bytes::from(vec![2u8; 4096]), false)
+        .await
+        .unwrap();
+    dev.write_at(16384, Bytes::from(vec![3u8; 4096]), false)
+        .await
+        .unwrap();
+    flush.await.unwrap().unwrap();
+    let after_flush = dev.stats().puts;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        dev.stats().puts,
+        after_flush,
+        "re-dirtied object must wait for its delay"
+    );
+    dev.flush().await.unwrap();
+    assert_eq!(
+        dev.stats().puts,
+        after_flush + 1,
+        "FLUSH writes it back once"
+    );
+    let got = get(mem.as_ref(), "dev/00000000").await.unwrap();
+    assert!(got[..4096].iter().all(|&b| b == 1));
+    assert!(got[8192..12288].iter().all(|&b| b == 2));
+    assert!(got[16384..20480].iter().all(|&b| b == 3));
+}
