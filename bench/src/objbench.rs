@@ -359,10 +359,6 @@ struct ServeChild {
     log: PathBuf,
 }
 
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 fn toml_str(s: &str) -> String {
     serde_json::to_string(s).expect("string")
 }
@@ -377,7 +373,12 @@ impl ServeChild {
         s: &Settings,
         latency_ms: f64,
     ) -> Result<Self> {
-        let port = free_port()?;
+        // Both listeners are bound while we pick, so they differ.
+        let (port, disc) = {
+            let a = TcpListener::bind("127.0.0.1:0")?;
+            let b = TcpListener::bind("127.0.0.1:0")?;
+            (a.local_addr()?.port(), b.local_addr()?.port())
+        };
         let cfg = dir.join(format!("serve-{label}.toml"));
         let opts: Vec<String> = store_options
             .iter()
@@ -411,7 +412,7 @@ impl ServeChild {
             .arg("--config")
             .arg(&cfg)
             .arg("--discovery")
-            .arg(format!("127.0.0.1:{}", free_port()?))
+            .arg(format!("127.0.0.1:{disc}"))
             .env("STRATA_DATA_DIR", dir.join("data"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -145,10 +145,23 @@ pub fn require_guest() {
 
 /// A free TCP port on 127.0.0.1 (bound to port 0, then released).
 pub fn free_port() -> u16 {
-    TcpListener::bind(("127.0.0.1", 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
+    // Below the kernel's ephemeral range (32768+), so no outgoing
+    // connection can take the port between this check and the bind; unique
+    // within the process, so two calls never return the same port.
+    use std::sync::Mutex;
+    static NEXT: Mutex<u32> = Mutex::new(0);
+    let mut next = NEXT.lock().unwrap();
+    if *next == 0 {
+        *next = 20_000 + (std::process::id() * 7919) % 12_000;
+    }
+    for _ in 0..12_000 {
+        let p = *next as u16;
+        *next = if *next >= 31_999 { 20_000 } else { *next + 1 };
+        if TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+    panic!("no free port in 20000..32000")
 }
 
 /// Boots the guest with `script` (a POSIX sh script body) and returns when it powers off or `timeout` passes.
