@@ -211,15 +211,27 @@ impl Conn {
             0
         };
         let buf = &mut self.rbuf[self.rlen..];
-        // SAFETY: buf is valid writable memory of the given length.
-        let n = unsafe {
-            libc::recv(
-                self.sock.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                flags,
-            )
-        };
+        let fd = self.sock.as_raw_fd();
+        // Optional busy-poll before a blocking recv, as spdk_nvme_perf
+        // polls: removes the initiator's own wakeup from QD1 latency.
+        let spin = poll_window();
+        let mut n = -1;
+        if flags == 0 && !spin.is_zero() {
+            let t0 = std::time::Instant::now();
+            while t0.elapsed() < spin {
+                // SAFETY: buf is valid writable memory of the given length.
+                n = unsafe {
+                    libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT)
+                };
+                if n >= 0 || std::io::Error::last_os_error().kind() != ErrorKind::WouldBlock {
+                    break;
+                }
+            }
+        }
+        if n < 0 {
+            // SAFETY: buf is valid writable memory of the given length.
+            n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), flags) };
+        }
         if n < 0 {
             let e = std::io::Error::last_os_error();
             return match e.kind() {
@@ -312,4 +324,17 @@ impl Conn {
         let _ = self.flush_blocking(Duration::from_secs(1));
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
     }
+}
+
+/// `STRATA_BENCH_POLL_US`: how long a queue busy-polls its socket before it
+/// blocks (default 0: block at once).
+fn poll_window() -> std::time::Duration {
+    static W: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+    *W.get_or_init(|| {
+        std::env::var("STRATA_BENCH_POLL_US")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(std::time::Duration::from_micros)
+            .unwrap_or_default()
+    })
 }
