@@ -9,40 +9,14 @@
 mod common;
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::guest::{self, HOST_FROM_GUEST, run_guest};
-use support::{Server, free_port};
+use support::{Server, free_port, trigger_server};
 
 const GUEST_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// Serves `GET /<action>` from the guest by calling `act(action)`.
-fn trigger_server(act: impl Fn(&str) + Send + 'static) -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            let mut line = String::new();
-            if BufReader::new(&s).read_line(&mut line).is_err() {
-                continue;
-            }
-            let action = line
-                .split_whitespace()
-                .nth(1)
-                .unwrap_or("/")
-                .trim_start_matches('/')
-                .to_string();
-            act(&action);
-            let _ = s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok");
-        }
-    });
-    port
-}
 
 fn config(dir: &Path, body: &str) -> std::path::PathBuf {
     let p = dir.join("strata.toml");
@@ -179,6 +153,7 @@ fn multipath_two_listeners_and_ana_failover() {
             s2.lock().unwrap().signal(libc::SIGHUP);
             std::thread::sleep(Duration::from_millis(500));
         }
+        "ok".into()
     });
     let h = HOST_FROM_GUEST;
     let script = format!(
@@ -249,6 +224,7 @@ fn target_restart_while_connected_host_reconnects_data_intact() {
             }
             *g = Some(Server::start_on(Some(&cfg2), &path, p, d));
         }
+        "ok".into()
     });
     let h = HOST_FROM_GUEST;
     let script = format!(

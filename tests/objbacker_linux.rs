@@ -23,51 +23,19 @@
 mod common;
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::guest::{self, GuestOptions, HOST_FROM_GUEST, run_guest_with};
 use object_store::ObjectStore;
 use support::objstores::{self, Azurite, S3s};
-use support::{Server, free_port};
+use support::{Server, free_port, trigger_server};
 
 const NQN: &str = "nqn.2026-11.dev.strata:objbacker-e2e";
 const BUCKETS: u64 = 3;
 const MIB: u64 = 1 << 20;
 /// Written per namespace: 64 MiB in 1 MiB objects.
 const WRITTEN_OBJECTS: u64 = 64;
-
-/// Serves `GET /<action>` from the guest; the body is `act(action)`.
-fn trigger_server(act: impl Fn(&str) -> String + Send + 'static) -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            let mut line = String::new();
-            if BufReader::new(&s).read_line(&mut line).is_err() {
-                continue;
-            }
-            let action = line
-                .split_whitespace()
-                .nth(1)
-                .unwrap_or("/")
-                .trim_start_matches('/')
-                .to_string();
-            let body = act(&action);
-            let _ = s.write_all(
-                format!(
-                    "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-                    body.len()
-                )
-                .as_bytes(),
-            );
-        }
-    });
-    port
-}
 
 /// One namespace's backend as the test sees it: a direct client per bucket
 /// and the key prefix inside the bucket.

@@ -7,6 +7,10 @@
 
 mod common;
 
+fn strata_bin() -> std::path::PathBuf {
+    common::strata_bin(&["serve", "--help"])
+}
+
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -22,55 +26,6 @@ use strata_bench::report::Report;
 use strata_bench::verify::ErrorKind;
 
 const DEFAULT_NQN: &str = "nqn.2026-11.dev.strata:default";
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("bench/ has a parent")
-        .to_path_buf()
-}
-
-fn supports_serve(bin: &Path) -> bool {
-    Command::new(bin)
-        .args(["serve", "--help"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// The `strata` binary, built if missing. Panics with the reason when no
-/// binary that can `serve` is available.
-fn strata_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("STRATA_BIN") {
-        let p = PathBuf::from(p);
-        assert!(
-            supports_serve(&p),
-            "STRATA_BIN={} has no `serve` subcommand",
-            p.display()
-        );
-        return p;
-    }
-    let root = workspace_root();
-    for prof in ["debug", "release"] {
-        let p = root.join("build").join(prof).join("strata");
-        if p.exists() && supports_serve(&p) {
-            return p;
-        }
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let ok = Command::new(cargo)
-        .args(["build", "--bin", "strata"])
-        .current_dir(&root)
-        .status()
-        .is_ok_and(|s| s.success());
-    let p = root.join("build/debug/strata");
-    assert!(
-        ok && supports_serve(&p),
-        "no `strata` binary with `serve` (issue #2); set STRATA_BIN"
-    );
-    p
-}
 
 fn free_port() -> u16 {
     // Below the kernel's ephemeral range (32768+), so no outgoing

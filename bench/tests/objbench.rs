@@ -6,46 +6,14 @@
 //! The binary is found as `$STRATA_BIN`, else `build/{debug,release}/strata`
 //! under the workspace root, else built with `cargo build --bin strata`.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+mod common;
+
+use std::path::PathBuf;
 
 use strata_bench::objbench::{self, Backend, ObjBenchArgs, Settings};
 
-fn supports_objbacker_serve(bin: &Path) -> bool {
-    Command::new(bin)
-        .args(["objbacker", "--help"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 fn strata_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("STRATA_BIN") {
-        return PathBuf::from(p);
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("bench/ has a parent")
-        .to_path_buf();
-    for prof in ["debug", "release"] {
-        let p = root.join("build").join(prof).join("strata");
-        if p.exists() && supports_objbacker_serve(&p) {
-            return p;
-        }
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let ok = Command::new(cargo)
-        .args(["build", "--bin", "strata"])
-        .current_dir(&root)
-        .status()
-        .is_ok_and(|s| s.success());
-    let p = root.join("build/debug/strata");
-    assert!(
-        ok && supports_objbacker_serve(&p),
-        "no `strata` binary with objbacker namespaces; set STRATA_BIN"
-    );
-    p
+    common::strata_bin(&["objbacker", "--help"])
 }
 
 fn tiny(backend: Backend) -> Settings {

@@ -3,7 +3,7 @@
 //! exactly the bytes a test wants (well-formed or not).
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -408,4 +408,36 @@ impl Server {
         s.wait_ready(port);
         s
     }
+}
+
+/// Lets a QEMU guest ask the host to act mid-script: it fetches
+/// `http://10.0.2.2:PORT/<action>` with busybox wget.
+/// Serves `GET /<action>` from the guest; the body is `act(action)`.
+pub fn trigger_server(act: impl Fn(&str) -> String + Send + 'static) -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut line = String::new();
+            if std::io::BufReader::new(&s).read_line(&mut line).is_err() {
+                continue;
+            }
+            let action = line
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or("/")
+                .trim_start_matches('/')
+                .to_string();
+            let body = act(&action);
+            let _ = s.write_all(
+                format!(
+                    "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            );
+        }
+    });
+    port
 }

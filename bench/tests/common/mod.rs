@@ -150,3 +150,52 @@ pub fn check_against_schema(doc: &Value) -> Result<(), String> {
     let s = schema();
     validate(&s, &s, doc, "$")
 }
+
+/// The `strata` binary whose `probe` subcommand exists: `$STRATA_BIN`, else
+/// `build/{debug,release}/strata` under the workspace, else built with
+/// `cargo build --bin strata`. Panics with the reason when none fits.
+pub fn strata_bin(probe: &[&str]) -> std::path::PathBuf {
+    use std::path::{Path, PathBuf};
+    use std::process::{Command, Stdio};
+    let fits = |bin: &Path| {
+        Command::new(bin)
+            .args(probe)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if let Some(p) = std::env::var_os("STRATA_BIN") {
+        let p = PathBuf::from(p);
+        assert!(
+            fits(&p),
+            "STRATA_BIN={} has no `{}`",
+            p.display(),
+            probe.join(" ")
+        );
+        return p;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("bench/ has a parent")
+        .to_path_buf();
+    for prof in ["debug", "release"] {
+        let p = root.join("build").join(prof).join("strata");
+        if p.exists() && fits(&p) {
+            return p;
+        }
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let ok = Command::new(cargo)
+        .args(["build", "--bin", "strata"])
+        .current_dir(&root)
+        .status()
+        .is_ok_and(|s| s.success());
+    let p = root.join("build/debug/strata");
+    assert!(
+        ok && fits(&p),
+        "no `strata` binary with `{}`; set STRATA_BIN",
+        probe.join(" ")
+    );
+    p
+}
