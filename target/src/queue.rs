@@ -43,6 +43,25 @@ pub struct QueueLimits {
     /// violation (hosts may briefly exceed it while a completion is in
     /// flight on the wire).
     pub max_slots: usize,
+    /// Output the queue may owe the host (queued PDUs plus reads still in
+    /// the device) before it stops taking new commands: a host that does
+    /// not read its answers stops being read.
+    pub max_pending_output: usize,
+    /// Write data the queue may have solicited with R2T and not yet written
+    /// to the device; further writes wait for their R2T in order.
+    pub max_r2t_bytes: usize,
+    /// A solicited transfer that does not finish within this time ends the
+    /// connection (a host withholding its last H2CData PDU).
+    pub data_phase_timeout_ms: u64,
+    /// Output that makes no progress for this long ends the connection (a
+    /// host that stopped reading).
+    pub tx_stall_timeout_ms: u64,
+    /// A connection that has not finished ICReq and Connect within this
+    /// time is closed.
+    pub connect_timeout_ms: u64,
+    /// Idle data buffers a queue keeps for reuse; an idle queue trims to a
+    /// sixteenth of it.
+    pub pool_retain_bytes: usize,
 }
 
 impl Default for QueueLimits {
@@ -52,6 +71,12 @@ impl Default for QueueLimits {
             maxh2cdata: ctrlr::MAXH2CDATA,
             mdts_bytes: ctrlr::MDTS_BYTES,
             max_slots: 4096,
+            max_pending_output: 8 << 20,
+            max_r2t_bytes: 16 << 20,
+            data_phase_timeout_ms: 30_000,
+            tx_stall_timeout_ms: 30_000,
+            connect_timeout_ms: 10_000,
+            pool_retain_bytes: 8 << 20,
         }
     }
 }
@@ -82,6 +107,8 @@ enum SlotState {
     Free,
     /// Capsule received; in-capsule data still arriving.
     InCapsuleData,
+    /// Waiting for R2T budget (`QueueLimits::max_r2t_bytes`).
+    AwaitingR2T,
     /// R2T sent; H2CData arriving.
     AwaitingH2C,
     /// Submitted to the bdev; `pending` completions outstanding.
@@ -98,6 +125,10 @@ struct Slot {
     status: Status,
     /// Index into `channels` of the namespace the command targets.
     chan: usize,
+    /// Bytes of R2T budget this command holds until it completes.
+    r2t_held: u32,
+    /// When the R2T went out (the data-phase timeout runs from here).
+    r2t_ms: u64,
 }
 
 impl Slot {
@@ -111,6 +142,8 @@ impl Slot {
             pending: 0,
             status: Status::SUCCESS,
             chan: 0,
+            r2t_held: 0,
+            r2t_ms: 0,
         }
     }
 }
@@ -187,10 +220,25 @@ struct NsChannel {
 /// Counters the driver exports and the tests assert on.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct QueueStats {
+    /// Capsules accepted (every CapsuleCmd PDU that parsed).
     pub commands: u64,
+    /// Responses sent: CapsuleResps, and C2HData PDUs with SUCCESS set.
+    pub responses: u64,
     pub errors: u64,
     pub pdus_in: u64,
     pub pdus_out: u64,
+    /// Times input stopped because the host owed too much output.
+    pub input_paused: u64,
+    /// Writes that waited for R2T budget.
+    pub r2t_deferred: u64,
+}
+
+/// The limits a queue hit, each logged once per connection.
+#[derive(Clone, Copy)]
+enum Limit {
+    PendingOutput = 1,
+    R2tBytes = 2,
+    Slots = 4,
 }
 
 /// Why a queue pair ended.
@@ -202,6 +250,9 @@ pub enum CloseReason {
     HostTerminated,
     /// Disconnect command, controller destroyed, or keep-alive expiry.
     Disconnected(&'static str),
+    /// A resource limit or a timeout ended the connection; nothing more is
+    /// sent (the host may not be reading).
+    Cut(&'static str),
 }
 
 pub struct QueuePair {
@@ -232,8 +283,34 @@ pub struct QueuePair {
     /// After a fatal error nothing more is parsed; the TermReq drains and the
     /// driver closes.
     stop_rx: bool,
+    /// Bytes queued in `tx`.
+    tx_bytes: usize,
+    /// Bytes of reads submitted to a device whose data is not yet in `tx`.
+    read_bytes_in_flight: usize,
+    /// R2T budget in use (see `QueueLimits::max_r2t_bytes`).
+    r2t_bytes: usize,
+    /// Writes waiting for R2T budget, oldest first.
+    r2t_wait: VecDeque<u32>,
+    /// Slots not free: commands executing or in their data phase.
+    slots_busy: usize,
+    /// Latest time the queue was told (`handle_input`, `on_tick`).
+    now_ms: u64,
+    /// First time the queue was told; the IC/Connect timeout runs from here.
+    born_ms: Option<u64>,
+    /// When output last moved (or was empty).
+    tx_moved_ms: u64,
+    /// Any command since the last tick (an idle queue trims its pool).
+    active_since_tick: bool,
+    /// Limits already logged on this connection (`Limit` bits).
+    logged: u8,
+    /// `on_disconnect` ran (it runs once, from the driver or from `Drop`).
+    disconnected: bool,
+    peer: Option<std::net::SocketAddr>,
     pub stats: QueueStats,
 }
+
+/// PSDT 11b is reserved (NVMe Base 4.2, Figure 91): Invalid Field.
+const PSDT_RESERVED: u8 = 0b11;
 
 fn dir_h2c(opcode: u8) -> bool {
     opcode & 0x3 == 0x1
@@ -259,12 +336,90 @@ impl QueuePair {
             slots: Vec::new(),
             free_slots: Vec::new(),
             channels: Vec::new(),
-            pool: BufPool::new(256),
+            pool: BufPool::new(256).with_max_bytes(limits.pool_retain_bytes),
             tx: VecDeque::with_capacity(256),
             completions: Vec::with_capacity(256),
             close: None,
             stop_rx: false,
+            tx_bytes: 0,
+            read_bytes_in_flight: 0,
+            r2t_bytes: 0,
+            r2t_wait: VecDeque::new(),
+            slots_busy: 0,
+            now_ms: 0,
+            born_ms: None,
+            tx_moved_ms: 0,
+            active_since_tick: false,
+            logged: 0,
+            disconnected: false,
+            peer: None,
             stats: QueueStats::default(),
+        }
+    }
+
+    /// The host's address, for log lines.
+    pub fn set_peer(&mut self, peer: std::net::SocketAddr) {
+        self.peer = Some(peer);
+    }
+
+    fn peer_str(&self) -> String {
+        self.peer.map_or_else(|| "-".to_string(), |p| p.to_string())
+    }
+
+    fn log_limit_once(&mut self, l: Limit, what: &str) {
+        if self.logged & l as u8 == 0 {
+            self.logged |= l as u8;
+            tracing::warn!(peer = %self.peer_str(), qid = ?self.qid(), "{what} (logged once per connection)");
+        }
+    }
+
+    /// False while the host owes the queue too much output (or the queue is
+    /// closing): the driver then reads nothing more from the socket, and
+    /// `handle_input` stops at the next PDU boundary.
+    pub fn wants_input(&self) -> bool {
+        !self.stop_rx && self.tx_bytes + self.read_bytes_in_flight <= self.limits.max_pending_output
+    }
+
+    /// The connection must close now, without draining output.
+    pub fn must_close_now(&self) -> bool {
+        matches!(self.close, Some(CloseReason::Cut(_)))
+    }
+
+    /// Commands accepted that have not had their response yet and are
+    /// legitimately in flight: in their data phase, in a device, or parked
+    /// AERs.
+    pub fn commands_in_flight(&self) -> u64 {
+        let capsule =
+            u64::from(self.pending_capsule.is_some() && self.pending_capsule_slot.is_none());
+        let aers = match &self.role {
+            Role2::Admin { ctrlr } => ctrlr.aers_outstanding() as u64,
+            _ => 0,
+        };
+        self.slots_busy as u64 + capsule + aers
+    }
+
+    /// The rule every queue keeps: each accepted capsule gets exactly one
+    /// response, or the connection ends. Until it ends, commands in =
+    /// responses out + commands in flight.
+    pub fn check_completions(&self) -> Result<(), String> {
+        if self.close.is_some() {
+            return Ok(());
+        }
+        let inflight = self.commands_in_flight();
+        if self.stats.commands == self.stats.responses + inflight {
+            Ok(())
+        } else {
+            Err(format!(
+                "completion invariant broken: {} commands in, {} responses out, {} in flight",
+                self.stats.commands, self.stats.responses, inflight
+            ))
+        }
+    }
+
+    fn debug_check(&self) {
+        #[cfg(debug_assertions)]
+        if let Err(e) = self.check_completions() {
+            panic!("{e}");
         }
     }
 
@@ -313,8 +468,18 @@ impl QueuePair {
     /// more appended.
     pub fn handle_input(&mut self, mut buf: &[u8], now_ms: u64) -> usize {
         let total = buf.len();
+        self.now_ms = self.now_ms.max(now_ms);
+        self.born_ms.get_or_insert(now_ms);
         while !buf.is_empty() && !self.stop_rx {
             let used = match self.rx {
+                Rx::Header if !self.wants_input() => {
+                    self.stats.input_paused += 1;
+                    self.log_limit_once(
+                        Limit::PendingOutput,
+                        "host owes too much output: input paused until it reads",
+                    );
+                    break;
+                }
                 Rx::Header => match pdu::parse_header(buf, &self.dcfg) {
                     Ok(None) => break,
                     Ok(Some(p)) => {
@@ -338,7 +503,9 @@ impl QueuePair {
         if let Some(c) = self.ctrlr() {
             c.touch(now_ms);
         }
+        self.pump_r2t();
         self.flush_submissions();
+        self.debug_check();
         total - buf.len()
     }
 
@@ -596,11 +763,10 @@ impl QueuePair {
         now_ms: u64,
     ) {
         self.stats.commands += 1;
-        self.sqhd = if self.sqsize == 0 {
-            0
-        } else {
-            (self.sqhd + 1) % (self.sqsize + 1)
-        };
+        self.active_since_tick = true;
+        // u32: SQSIZE is bounded at Connect, but this must not be able to
+        // overflow whatever a host sent.
+        self.sqhd = ((u32::from(self.sqhd) + 1) % (u32::from(self.sqsize) + 1)) as u16;
         // The codec bounds every payload by the larger of the two limits;
         // capsules have the smaller one.
         if data_len > self.limits.in_capsule_data as usize {
@@ -623,7 +789,13 @@ impl QueuePair {
             );
         }
         match &self.role {
-            Role2::AwaitIcReq => unreachable_state(),
+            Role2::AwaitIcReq => {
+                // The codec only passes capsules after the IC exchange; if
+                // that ever breaks, the connection ends rather than leave a
+                // command unanswered.
+                tracing::error!("capsule before ICReq passed the codec");
+                self.terminate(FatalErrorStatus::PduSequenceError, 0)
+            }
             Role2::AwaitConnect => {
                 if cmd.opcode() != admin_opc::FABRICS || cmd.fctype() != fctype::CONNECT {
                     self.complete_err(&cmd, Status::COMMAND_SEQUENCE_ERROR.dnr());
@@ -650,6 +822,16 @@ impl QueuePair {
                     has_ddgst,
                     DataDest::Small,
                     AfterData::Capsule,
+                )
+            }
+            Role2::Admin { .. } if cmd.flags() >> 6 == PSDT_RESERVED => {
+                self.complete_err(&cmd, Status::INVALID_FIELD.dnr());
+                self.start_payload(
+                    skip,
+                    data_len,
+                    has_ddgst,
+                    DataDest::Discard,
+                    AfterData::Nothing,
                 )
             }
             Role2::Admin { .. } => {
@@ -681,7 +863,8 @@ impl QueuePair {
             AfterData::Nothing => {}
             AfterData::Capsule => {
                 let Some(cmd) = self.pending_capsule.take() else {
-                    return;
+                    tracing::error!("in-capsule data without a pending capsule");
+                    return self.terminate(FatalErrorStatus::PduSequenceError, 0);
                 };
                 let slot = self.pending_capsule_slot.take();
                 if !digest_ok {
@@ -700,7 +883,9 @@ impl QueuePair {
                             Role2::AwaitConnect => self.on_connect(&cmd, &data),
                             Role2::Admin { .. } => self.exec_admin(&cmd, &data, 0),
                             Role2::Io { .. } => self.exec_dsm(&cmd, &data),
-                            Role2::AwaitIcReq => {}
+                            Role2::AwaitIcReq => {
+                                self.terminate(FatalErrorStatus::PduSequenceError, 0)
+                            }
                         }
                         self.small_data = data;
                         self.small_data.clear();
@@ -721,12 +906,13 @@ impl QueuePair {
     }
 
     fn on_connect(&mut self, cmd: &NvmeCmd, data: &[u8]) {
-        match ctrlr::connect(&self.target, self.port_id, cmd, data, 0) {
+        match ctrlr::connect_explained(&self.target, self.port_id, cmd, data, self.now_ms) {
             Ok((connected, mut cpl)) => {
                 self.sqsize = (cmd.cdw11() & 0xffff) as u16;
                 self.sqflow_disabled = (cmd.cdw11() >> 16) & 0x4 != 0;
-                self.sqhd = 1 % (self.sqsize.max(1) + 1);
-                let depth = (self.sqsize as usize + 1).min(self.limits.max_slots);
+                let entries = u32::from(self.sqsize.max(1)) + 1;
+                self.sqhd = (1 % entries) as u16;
+                let depth = (entries as usize).min(self.limits.max_slots);
                 self.slots = (0..depth).map(|_| Slot::free()).collect();
                 self.free_slots = (0..depth as u32).rev().collect();
                 self.role = match connected {
@@ -736,6 +922,7 @@ impl QueuePair {
                             subnqn = ctrlr.subnqn(),
                             hostnqn = ctrlr.hostnqn(),
                             port = self.port_id,
+                            peer = %self.peer_str(),
                             "admin queue connected"
                         );
                         Role2::Admin { ctrlr }
@@ -749,8 +936,19 @@ impl QueuePair {
                 cpl.cid = cmd.cid();
                 self.send_cpl(cpl);
             }
-            Err(mut cpl) => {
-                tracing::warn!(status = ?cpl.status, "connect refused");
+            Err(r) => {
+                tracing::warn!(
+                    reason = r.reason,
+                    hostnqn = %r.hostnqn,
+                    subnqn = %r.subnqn,
+                    peer = %self.peer_str(),
+                    port = self.port_id,
+                    qid = cmd.cdw10() >> 16,
+                    status = ?r.cpl.status,
+                    "connect refused: {}",
+                    r.reason
+                );
+                let mut cpl = r.cpl;
                 cpl.cid = cmd.cid();
                 self.stats.errors += 1;
                 self.send_cpl(cpl);
@@ -760,7 +958,7 @@ impl QueuePair {
 
     fn exec_admin(&mut self, cmd: &NvmeCmd, data: &[u8], now_ms: u64) {
         let Role2::Admin { ctrlr } = &self.role else {
-            return;
+            return self.complete_err(cmd, Status::INVALID_OPCODE.dnr());
         };
         let ctrlr = ctrlr.clone();
         match ctrlr.exec_admin(cmd, data, now_ms) {
@@ -870,6 +1068,10 @@ impl QueuePair {
         s.received = 0;
         s.pending = 0;
         s.status = Status::SUCCESS;
+        s.r2t_held = 0;
+        // Marked busy at once: the caller sets the real state.
+        s.state = SlotState::Executing;
+        self.slots_busy += 1;
         Some(idx)
     }
 
@@ -878,11 +1080,44 @@ impl QueuePair {
         if s.state == SlotState::Free {
             return;
         }
+        if s.state == SlotState::AwaitingR2T {
+            self.r2t_wait.retain(|&w| w != idx);
+        }
         s.state = SlotState::Free;
+        self.r2t_bytes -= s.r2t_held as usize;
+        s.r2t_held = 0;
         if let Some(b) = s.buf.take() {
             self.pool.put(b);
         }
+        self.slots_busy -= 1;
         self.free_slots.push(idx);
+    }
+
+    /// Sends R2Ts to waiting writes, oldest first, while the budget allows.
+    /// One transfer is always allowed, so a budget below MDTS cannot stall.
+    fn pump_r2t(&mut self) {
+        while let Some(&slot) = self.r2t_wait.front() {
+            let s = &self.slots[slot as usize];
+            let xfer = s.xfer_len as usize;
+            if self.r2t_bytes > 0 && self.r2t_bytes + xfer > self.limits.max_r2t_bytes {
+                return;
+            }
+            self.r2t_wait.pop_front();
+            self.start_r2t(slot);
+        }
+    }
+
+    fn start_r2t(&mut self, slot: u32) {
+        let buf = self.pool.get(self.slots[slot as usize].xfer_len as usize);
+        let now = self.now_ms;
+        let s = &mut self.slots[slot as usize];
+        s.buf = Some(buf);
+        s.state = SlotState::AwaitingH2C;
+        s.r2t_held = s.xfer_len;
+        s.r2t_ms = now;
+        self.r2t_bytes += s.xfer_len as usize;
+        let (cid, len) = (s.cmd.cid(), s.xfer_len);
+        self.send_r2t(cid, slot as u16, len);
     }
 
     fn on_io_capsule(&mut self, cmd: NvmeCmd, skip: usize, data_len: usize, has_ddgst: bool) {
@@ -919,10 +1154,17 @@ impl QueuePair {
             }
             Ok(IoPlan::Bdev { chan, xfer }) => {
                 let Some(slot) = self.alloc_slot(cmd) else {
+                    self.log_limit_once(
+                        Limit::Slots,
+                        "host sent more commands than its queue holds: terminating",
+                    );
                     self.terminate(FatalErrorStatus::PduSequenceError, 0);
                     return;
                 };
-                let buf = if xfer > 0 {
+                let solicited = cmd.opcode() == io_opc::WRITE && data_len == 0;
+                // A solicited write gets its buffer with its R2T, so the R2T
+                // budget bounds the memory waiting for host data.
+                let buf = if xfer > 0 && !solicited {
                     Some(self.pool.get(xfer as usize))
                 } else {
                     None
@@ -945,8 +1187,19 @@ impl QueuePair {
                             AfterData::Capsule,
                         )
                     } else {
-                        s.state = SlotState::AwaitingH2C;
-                        self.send_r2t(cmd.cid(), slot as u16, xfer);
+                        s.state = SlotState::AwaitingR2T;
+                        if !self.r2t_wait.is_empty()
+                            || (self.r2t_bytes > 0
+                                && self.r2t_bytes + xfer as usize > self.limits.max_r2t_bytes)
+                        {
+                            self.stats.r2t_deferred += 1;
+                            self.log_limit_once(
+                                Limit::R2tBytes,
+                                "R2T budget in use: writes wait for their R2T",
+                            );
+                        }
+                        self.r2t_wait.push_back(slot);
+                        self.pump_r2t();
                     }
                 } else {
                     self.submit_io(slot);
@@ -1089,6 +1342,9 @@ impl QueuePair {
         };
         s.state = SlotState::Executing;
         s.pending = 1;
+        if matches!(op, IoOp::Read) {
+            self.read_bytes_in_flight += s.xfer_len as usize;
+        }
         ch.chan.submit(BdevIo {
             tag: slot,
             op,
@@ -1201,12 +1457,21 @@ impl QueuePair {
         }
         let cmd = s.cmd;
         let status = s.status;
+        if cmd.opcode() == io_opc::READ {
+            self.read_bytes_in_flight -= s.xfer_len as usize;
+        }
         if status.is_success() && cmd.opcode() == io_opc::READ {
-            let buf = s.buf.take().expect("read completion carries its buffer");
+            let Some(buf) = s.buf.take() else {
+                tracing::error!(tag = c.tag, "read completion without its buffer");
+                self.release_slot(c.tag);
+                return self.complete_err(&cmd, Status::INTERNAL_ERROR);
+            };
             let len = s.xfer_len;
             self.release_slot(c.tag);
             self.send_read_data(cmd.cid(), buf, len);
             if self.sqflow_disabled {
+                // C2HData with SUCCESS is this command's response.
+                self.stats.responses += 1;
                 return;
             }
             return self.send_cpl(NvmeCpl::success(cmd.cid()));
@@ -1221,6 +1486,17 @@ impl QueuePair {
 
     /// Periodic checks the driver runs about once a second.
     pub fn on_tick(&mut self, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        let born = *self.born_ms.get_or_insert(now_ms);
+        if self.tx.is_empty() {
+            self.tx_moved_ms = self.now_ms;
+        }
+        if self.close.is_none() {
+            self.check_timeouts(born);
+        }
+        if !std::mem::take(&mut self.active_since_tick) && self.slots_busy == 0 {
+            self.pool.trim(self.limits.pool_retain_bytes / 16);
+        }
         match &self.role {
             Role2::Admin { ctrlr } => {
                 if ctrlr.kato_expired(now_ms) {
@@ -1249,9 +1525,44 @@ impl QueuePair {
         }
     }
 
+    fn check_timeouts(&mut self, born: u64) {
+        let now = self.now_ms;
+        let l = self.limits;
+        let cut = if matches!(self.role, Role2::AwaitIcReq | Role2::AwaitConnect)
+            && now.saturating_sub(born) > l.connect_timeout_ms
+        {
+            Some("no ICReq and Connect within the connect timeout")
+        } else if !self.tx.is_empty()
+            && now.saturating_sub(self.tx_moved_ms) > l.tx_stall_timeout_ms
+        {
+            Some("host stopped reading its responses")
+        } else if self.slots.iter().any(|s| {
+            s.state == SlotState::AwaitingH2C
+                && now.saturating_sub(s.r2t_ms) > l.data_phase_timeout_ms
+        }) {
+            Some("host did not finish a solicited data transfer (H2CData) in time")
+        } else {
+            None
+        };
+        if let Some(why) = cut {
+            tracing::warn!(
+                peer = %self.peer_str(),
+                qid = ?self.qid(),
+                hostnqn = self.ctrlr().map(|c| c.hostnqn()).unwrap_or(""),
+                "closing connection: {why}"
+            );
+            self.close = Some(CloseReason::Cut(why));
+            self.stop_rx = true;
+        }
+    }
+
     /// The connection went away: a dynamic controller lives exactly as long
-    /// as its admin queue.
+    /// as its admin queue. Runs once; `Drop` calls it too, so a connection
+    /// task that panics still releases its controller.
     pub fn on_disconnect(&mut self) {
+        if std::mem::replace(&mut self.disconnected, true) {
+            return;
+        }
         match &self.role {
             Role2::Admin { ctrlr } => {
                 tracing::info!(
@@ -1271,6 +1582,7 @@ impl QueuePair {
     // Output.
 
     fn push_inline(&mut self, data: &[u8]) {
+        self.tx_bytes += data.len();
         let mut bytes = [0u8; 128];
         bytes[..data.len()].copy_from_slice(data);
         self.tx.push_back(TxSeg::Inline {
@@ -1282,11 +1594,13 @@ impl QueuePair {
     }
 
     fn push_owned(&mut self, data: Vec<u8>) {
+        self.tx_bytes += data.len();
         self.tx.push_back(TxSeg::Owned { data, pos: 0 });
         self.stats.pdus_out += 1;
     }
 
     fn send_cpl(&mut self, mut cpl: NvmeCpl) {
+        self.stats.responses += 1;
         cpl.sqhd = self.sqhd;
         cpl.sqid = self.qid().unwrap_or(0);
         let mut v = [0u8; 128];
@@ -1333,6 +1647,7 @@ impl QueuePair {
         let (h, n) = self.c2h_header(cccid, len);
         self.push_inline(&h[..n]);
         let crc = self.ddgst.then(|| pdu::crc32c(&buf[..len as usize]));
+        self.tx_bytes += len as usize;
         self.tx.push_back(TxSeg::Data {
             buf,
             pos: 0,
@@ -1348,6 +1663,7 @@ impl QueuePair {
         let (h, n) = self.c2h_header(cccid, data.len() as u32);
         self.push_inline(&h[..n]);
         let crc = self.ddgst.then(|| pdu::crc32c(&data));
+        self.tx_bytes += data.len();
         self.tx.push_back(TxSeg::Owned { data, pos: 0 });
         if let Some(crc) = crc {
             self.push_inline(&crc.to_le_bytes());
@@ -1372,6 +1688,11 @@ impl QueuePair {
 
     /// Records that the first `n` bytes of the transmit queue were written.
     pub fn tx_advance(&mut self, mut n: usize) {
+        let n0 = n.min(self.tx_bytes);
+        self.tx_bytes -= n0;
+        if n0 > 0 {
+            self.tx_moved_ms = self.now_ms;
+        }
         while n > 0 {
             let Some(seg) = self.tx.front_mut() else {
                 return;
@@ -1457,11 +1778,6 @@ fn encode_into(dst: &mut [u8; 128], f: impl FnOnce(&mut Vec<u8>)) -> usize {
     })
 }
 
-fn unreachable_state() {
-    // The codec only passes capsules after the IC exchange.
-    tracing::error!("capsule before ICReq passed the codec");
-}
-
 /// Bytes of a PDU up to the end of its header digest: what the header state
 /// consumes before padding (to PDO) and payload.
 fn header_end(h: &PduHeader, hdgst: bool) -> usize {
@@ -1474,6 +1790,12 @@ fn header_end(h: &PduHeader, hdgst: bool) -> usize {
         PduHeader::CapsuleResp(_) => pdu::CAPSULE_RESP_HLEN + dg,
         PduHeader::H2CData(_) | PduHeader::C2HData(_) => pdu::DATA_HLEN + dg,
         PduHeader::R2T(_) => pdu::R2T_HLEN + dg,
+    }
+}
+
+impl Drop for QueuePair {
+    fn drop(&mut self) {
+        self.on_disconnect();
     }
 }
 

@@ -12,6 +12,10 @@ const NQN: &str = "nqn.2026-11.dev.strata:test";
 const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:host-a";
 
 fn target_with(ana: AnaState) -> Arc<Target> {
+    target_hosts(ana, false)
+}
+
+fn target_hosts(ana: AnaState, allow_any_host: bool) -> Arc<Target> {
     let bdev = RamBdev::new("t", 64 << 20, 512).unwrap();
     let mut ana_map = std::collections::BTreeMap::new();
     ana_map.insert(1, ana);
@@ -20,7 +24,7 @@ fn target_with(ana: AnaState) -> Arc<Target> {
             nqn: NQN.into(),
             serial: "S1".into(),
             model: "Strata".into(),
-            allow_any_host: false,
+            allow_any_host,
             hosts: vec![HOST.into()],
             namespaces: vec![NamespaceConfig {
                 nsid: 1,
@@ -62,8 +66,12 @@ struct Host {
 
 impl Host {
     fn new(target: &Arc<Target>) -> Self {
+        Self::with_limits(target, QueueLimits::default())
+    }
+
+    fn with_limits(target: &Arc<Target>, limits: QueueLimits) -> Self {
         Self {
-            qp: QueuePair::new(target.clone(), 1, QueueLimits::default()),
+            qp: QueuePair::new(target.clone(), 1, limits),
             hdgst: false,
             ddgst: false,
             cid: 0,
@@ -178,11 +186,22 @@ impl Host {
     }
 
     fn connect(&mut self, qid: u16, cntlid: u16, subnqn: &str, hostnqn: &str) -> NvmeCpl {
+        self.connect_sqsize(qid, cntlid, subnqn, hostnqn, 127)
+    }
+
+    fn connect_sqsize(
+        &mut self,
+        qid: u16,
+        cntlid: u16,
+        subnqn: &str,
+        hostnqn: &str,
+        sqsize: u16,
+    ) -> NvmeCpl {
         let mut c = NvmeCmd::default();
         c.set_opcode(admin_opc::FABRICS);
         c.0[4] = fctype::CONNECT;
         c.set_cdw(10, u32::from(qid) << 16);
-        c.set_cdw(11, 127);
+        c.set_cdw(11, u32::from(sqsize));
         c.set_cdw(12, 5000);
         c.set_sgl(SglDescriptor {
             addr: 0,
@@ -239,9 +258,13 @@ fn io_cmd(opc: u8, slba: u64, nlb: u32, host_data: bool) -> NvmeCmd {
 
 /// Admin bring-up like the Linux host, then one connected I/O queue.
 fn bring_up(target: &Arc<Target>, digests: bool) -> (Host, Host) {
+    bring_up_with(target, digests, QueueLimits::default())
+}
+
+fn bring_up_with(target: &Arc<Target>, digests: bool, limits: QueueLimits) -> (Host, Host) {
     let mut admin = Host::new(target);
     admin.icreq(digests, digests);
-    let c = admin.connect(0, 0xffff, NQN, HOST);
+    let c = admin.connect_sqsize(0, 0xffff, NQN, HOST, 31);
     assert!(c.status.is_success(), "{c:?}");
     let cntlid = c.dw0 as u16;
     assert!(
@@ -251,7 +274,7 @@ fn bring_up(target: &Arc<Target>, digests: bool) -> (Host, Host) {
             .is_success()
     );
     assert!(admin.set_queues(2).status.is_success());
-    let mut io = Host::new(target);
+    let mut io = Host::with_limits(target, limits);
     io.icreq(digests, digests);
     let c = io.connect(1, cntlid, NQN, HOST);
     assert!(c.status.is_success(), "{c:?}");
@@ -664,4 +687,413 @@ fn large_write_data_can_be_read_straight_into_the_command_buffer() {
             "direct-read write data differs (digests={digests})"
         );
     }
+}
+
+// ----------------------------------------------------------------------
+// Hardening: completion accounting, Connect bounds, resource limits.
+
+/// Counts responses per CID in what the target sent.
+fn responses(r: &[Rsp]) -> Vec<u16> {
+    r.iter()
+        .filter_map(|x| match x {
+            Rsp::Cpl(c) => Some(c.cid),
+            Rsp::C2H(h, _) if h.success => Some(h.cccid),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The two commands a random-command fuzzer found unanswered, then a
+/// sweep of every opcode with every PSDT value, random NSIDs and random
+/// reserved fields: each gets exactly one response with the expected
+/// status, and the accounting holds after every command.
+#[test]
+fn every_admin_and_io_opcode_gets_exactly_one_response() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let t = target_with(AnaState::Optimized);
+    let (mut admin, mut io) = bring_up(&t, false);
+    let mut reported = Vec::new();
+    for (opc, psdt, cdw10, cdw11) in [
+        (0xb8u8, 0b11u8, 0xC281_B767u32, 0xA9D5_B174u32),
+        (0x89, 0b00, 0xB9F0_B9BB, 0),
+    ] {
+        let mut c = NvmeCmd::default();
+        rng.fill(&mut c.0[..]);
+        c.set_opcode(opc);
+        c.0[1] = psdt << 6;
+        c.set_nsid(2);
+        c.set_cdw(10, cdw10);
+        c.set_cdw(11, cdw11);
+        let r = admin.capsule(c, &[]);
+        assert_eq!(responses(&r), vec![admin.cid], "opc {opc:#x}: {r:?}");
+        let Some(Rsp::Cpl(cpl)) = r.last() else {
+            panic!()
+        };
+        let want = if psdt == 0b11 {
+            Status::INVALID_FIELD.dnr()
+        } else {
+            // 0x89 is host-to-controller with a data pointer but no data.
+            Status::INVALID_FIELD.dnr()
+        };
+        assert_eq!(cpl.status, want, "opc {opc:#x}");
+        reported.push(cpl.status);
+    }
+    for queue in 0..2 {
+        for opc in 0..=255u8 {
+            // Commands with side effects on the association are covered by
+            // their own tests: Connect/Disconnect/Property Set (Fabrics),
+            // AER (parks by design), Set Features (may change KATO).
+            if matches!(
+                opc,
+                admin_opc::FABRICS | admin_opc::ASYNC_EVENT_REQUEST | admin_opc::SET_FEATURES
+            ) {
+                continue;
+            }
+            for psdt in 0..4u8 {
+                let h = if queue == 0 { &mut admin } else { &mut io };
+                let mut c = NvmeCmd::default();
+                rng.fill(&mut c.0[..]);
+                c.set_opcode(opc);
+                c.0[1] = psdt << 6; // FUSE 0: fused commands have their own status
+                c.set_nsid(rng.gen_range(0..4));
+                let r = h.capsule(c, &[]);
+                if h.qp.close_reason().is_some() {
+                    panic!("queue {queue} opc {opc:#x} psdt {psdt} closed the connection: {r:?}");
+                }
+                let got = responses(&r);
+                // An I/O write with a host data SGL legitimately waits for data.
+                if got.is_empty() && r.iter().any(|x| matches!(x, Rsp::R2T(_))) {
+                    let Some(Rsp::R2T(r2t)) = r.iter().find(|x| matches!(x, Rsp::R2T(_))) else {
+                        unreachable!()
+                    };
+                    // Finish it with zeros so the slot is answered.
+                    let mut out = Vec::new();
+                    let n = r2t.r2tl as usize;
+                    pdu::encode_h2c_data(
+                        &pdu::H2CData {
+                            cccid: r2t.cccid,
+                            ttag: r2t.ttag,
+                            datao: 0,
+                            datal: n as u32,
+                            last: true,
+                        },
+                        false,
+                        false,
+                        &mut out,
+                    );
+                    out.resize(out.len() + n, 0);
+                    let r = h.send(&out);
+                    assert_eq!(responses(&r), vec![h.cid], "write after R2T: {r:?}");
+                } else {
+                    assert_eq!(
+                        got,
+                        vec![h.cid],
+                        "queue {queue} opc {opc:#x} psdt {psdt}: {r:?}"
+                    );
+                }
+                let Some(Rsp::Cpl(cpl)) = r.iter().rev().find(|x| matches!(x, Rsp::Cpl(_))) else {
+                    continue;
+                };
+                if psdt == 0b11 && queue == 0 {
+                    assert_eq!(cpl.status, Status::INVALID_FIELD.dnr(), "opc {opc:#x}");
+                }
+                h.qp.check_completions().unwrap();
+            }
+        }
+    }
+    assert_eq!(admin.qp.stats.commands, admin.qp.stats.responses);
+    assert_eq!(io.qp.stats.commands, io.qp.stats.responses);
+}
+
+#[test]
+fn random_admin_and_io_streams_keep_the_completion_invariant() {
+    use rand::{Rng, SeedableRng};
+    for seed in 0..8u64 {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let t = target_with(AnaState::Optimized);
+        let (mut admin, mut io) = bring_up(&t, false);
+        for _ in 0..2000 {
+            let h = if rng.gen_bool(0.5) {
+                &mut admin
+            } else {
+                &mut io
+            };
+            if h.qp.close_reason().is_some() {
+                break;
+            }
+            let mut c = NvmeCmd::default();
+            rng.fill(&mut c.0[..]);
+            // Keep the association: no Fabrics (Disconnect, CC changes).
+            if c.opcode() == admin_opc::FABRICS {
+                c.set_opcode(0);
+            }
+            let data: Vec<u8> = if rng.gen_bool(0.2) {
+                let n = rng.gen_range(1..2048);
+                c.set_sgl(SglDescriptor {
+                    addr: 0,
+                    len: n,
+                    id: SGL_ID_DATA_BLOCK_OFFSET,
+                });
+                vec![0xa5; n as usize]
+            } else {
+                vec![]
+            };
+            let _ = h.capsule(c, &data);
+            h.qp.check_completions()
+                .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        }
+    }
+}
+
+#[test]
+fn admin_sqsize_is_bounded_and_refusals_leave_nothing_registered() {
+    for subnqn in [NQN, spec::DISCOVERY_NQN] {
+        let t = target_with(AnaState::Optimized);
+        for sqsize in [0xffffu16, 128, 0] {
+            let mut h = Host::new(&t);
+            h.icreq(false, false);
+            let c = h.connect_sqsize(0, 0xffff, subnqn, HOST, sqsize);
+            assert_eq!(
+                c.status,
+                Status::CONNECT_INVALID_PARAM.dnr(),
+                "{subnqn} sqsize {sqsize}"
+            );
+            assert_eq!(c.dw0, 44, "IATTR=0 (SQE), IPO=44 (SQSIZE)");
+            drop(h);
+            assert!(
+                t.controllers().is_empty(),
+                "{subnqn}: refused connect left a controller"
+            );
+        }
+        let mut h = Host::new(&t);
+        h.icreq(false, false);
+        assert!(
+            h.connect_sqsize(0, 0xffff, subnqn, HOST, 127)
+                .status
+                .is_success()
+        );
+        assert_eq!(t.controllers().len(), 1);
+        // The queue's own arithmetic at the largest admin depth.
+        for _ in 0..300 {
+            let mut ka = NvmeCmd::default();
+            ka.set_opcode(admin_opc::KEEP_ALIVE);
+            // Before CC.EN this is a sequence error; what matters is one
+            // completion each, with SQHD wrapping inside 128 entries.
+            assert!(h.cpl(ka, &[]).sqhd <= 127);
+        }
+        drop(h);
+        assert!(
+            t.controllers().is_empty(),
+            "dropping the queue releases the controller"
+        );
+    }
+}
+
+#[test]
+fn empty_host_nqn_is_accepted_only_where_any_host_may_connect() {
+    let open = target_hosts(AnaState::Optimized, true);
+    let mut h = Host::new(&open);
+    h.icreq(false, false);
+    let c = h.connect(0, 0xffff, NQN, "");
+    assert!(c.status.is_success(), "{c:?}");
+
+    let listed = target_hosts(AnaState::Optimized, false);
+    let mut h = Host::new(&listed);
+    h.icreq(false, false);
+    let c = h.connect(0, 0xffff, NQN, "");
+    assert_eq!(c.status, Status::CONNECT_INVALID_HOST.dnr());
+    assert_eq!(c.dw0, (1 << 16) | 512, "IATTR=1 (data), IPO=512 (HOSTNQN)");
+    // Discovery takes anyone.
+    let mut h = Host::new(&listed);
+    h.icreq(false, false);
+    assert!(
+        h.connect(0, 0xffff, spec::DISCOVERY_NQN, "")
+            .status
+            .is_success()
+    );
+}
+
+#[test]
+fn controller_reset_answers_parked_aers() {
+    let t = target_with(AnaState::Optimized);
+    let (mut admin, _io) = bring_up(&t, false);
+    let mut aer = NvmeCmd::default();
+    aer.set_opcode(admin_opc::ASYNC_EVENT_REQUEST);
+    let r = admin.capsule(aer, &[]);
+    assert!(responses(&r).is_empty(), "AER parks");
+    let aer_cid = admin.cid;
+    assert_eq!(admin.qp.commands_in_flight(), 1);
+    let r = admin.capsule(
+        {
+            let mut c = NvmeCmd::default();
+            c.set_opcode(admin_opc::FABRICS);
+            c.0[4] = fctype::PROPERTY_SET;
+            c.set_cdw(11, prop::CC);
+            c.set_cdw(12, 0);
+            c
+        },
+        &[],
+    );
+    let cpls: Vec<_> = r
+        .iter()
+        .filter_map(|x| if let Rsp::Cpl(c) = x { Some(*c) } else { None })
+        .collect();
+    assert!(
+        cpls.iter()
+            .any(|c| c.cid == aer_cid && c.status == Status::ABORTED_SQ_DELETION),
+        "{cpls:?}"
+    );
+    admin.qp.check_completions().unwrap();
+    assert_eq!(admin.qp.stats.commands, admin.qp.stats.responses);
+}
+
+#[test]
+fn a_host_that_never_reads_stops_being_read_and_is_cut_off() {
+    let t = target_with(AnaState::Optimized);
+    let limits = QueueLimits {
+        max_pending_output: 1 << 20,
+        ..QueueLimits::default()
+    };
+    let (_admin, mut io) = bring_up_with(&t, false, limits);
+    // 256 reads of 128 KiB, sent in one go and never drained.
+    let mut bytes = Vec::new();
+    for i in 0..256u16 {
+        let mut c = io_cmd(io_opc::READ, 0, 256, true);
+        c.set_cid(1000 + i);
+        pdu::encode_capsule_cmd(&c, 0, false, false, &mut bytes);
+    }
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut used = 0;
+    for _ in 0..10 {
+        used += io.qp.handle_input(&bytes[used..], io.now);
+        io.qp.poll_completions(&mut cx);
+    }
+    assert!(used < bytes.len(), "the queue stopped taking commands");
+    assert!(!io.qp.wants_input());
+    assert!(io.qp.stats.input_paused > 0);
+    let owed: usize = {
+        let mut v = Vec::new();
+        let mut n = 0;
+        for s in &io.qp.tx {
+            n += s.remaining().len();
+        }
+        v.push(n);
+        n
+    };
+    assert!(
+        owed <= (1 << 20) + (128 << 10) + 4096,
+        "output bounded: {owed}"
+    );
+    io.qp.check_completions().unwrap();
+    // Output that never moves ends the connection, without waiting to drain.
+    io.qp.on_tick(io.now + 1);
+    io.qp.on_tick(io.now + limits.tx_stall_timeout_ms + 2);
+    assert!(io.qp.must_close_now(), "{:?}", io.qp.close_reason());
+}
+
+#[test]
+fn r2t_budget_bounds_solicited_writes_and_serves_them_in_order() {
+    let t = target_with(AnaState::Optimized);
+    let limits = QueueLimits {
+        max_r2t_bytes: 2 << 20,
+        ..QueueLimits::default()
+    };
+    let (_admin, mut io) = bring_up_with(&t, false, limits);
+    let mut r2ts = Vec::new();
+    for i in 0..6u64 {
+        let r = io.capsule(io_cmd(io_opc::WRITE, i * 2048, 2048, true), &[]);
+        r2ts.extend(
+            r.into_iter()
+                .filter_map(|x| if let Rsp::R2T(r) = x { Some(r) } else { None }),
+        );
+    }
+    assert_eq!(r2ts.len(), 2, "only 2 MiB of R2T outstanding");
+    assert_eq!(io.qp.stats.r2t_deferred, 4);
+    io.qp.check_completions().unwrap();
+    // Each completed write releases budget for the next, oldest first.
+    let mut done = 0;
+    while let Some(r2t) = r2ts.first().copied() {
+        r2ts.remove(0);
+        let mut out = Vec::new();
+        let n = r2t.r2tl as usize;
+        let mut off = 0;
+        while off < n {
+            let k = (n - off).min(ctrlr::MAXH2CDATA as usize);
+            pdu::encode_h2c_data(
+                &pdu::H2CData {
+                    cccid: r2t.cccid,
+                    ttag: r2t.ttag,
+                    datao: off as u32,
+                    datal: k as u32,
+                    last: off + k == n,
+                },
+                false,
+                false,
+                &mut out,
+            );
+            out.resize(out.len() + k, 0x5a);
+            off += k;
+        }
+        let r = io.send(&out);
+        done += responses(&r).len();
+        r2ts.extend(
+            r.into_iter()
+                .filter_map(|x| if let Rsp::R2T(r) = x { Some(r) } else { None }),
+        );
+    }
+    assert_eq!(done, 6);
+    io.qp.check_completions().unwrap();
+}
+
+#[test]
+fn withheld_h2c_data_ends_the_connection_after_the_data_phase_timeout() {
+    let t = target_with(AnaState::Optimized);
+    let (_admin, mut io) = bring_up(&t, false);
+    let r = io.capsule(io_cmd(io_opc::WRITE, 0, 2048, true), &[]);
+    let [Rsp::R2T(_)] = &r[..] else {
+        panic!("{r:?}")
+    };
+    io.qp.on_tick(io.now + 1000);
+    assert!(io.qp.close_reason().is_none());
+    io.qp
+        .on_tick(io.now + QueueLimits::default().data_phase_timeout_ms + 1);
+    assert!(io.qp.must_close_now(), "{:?}", io.qp.close_reason());
+}
+
+#[test]
+fn connections_that_never_finish_ic_or_connect_time_out() {
+    let t = target_with(AnaState::Optimized);
+    let timeout = QueueLimits::default().connect_timeout_ms;
+    let mut silent = QueuePair::new(t.clone(), 1, QueueLimits::default());
+    silent.on_tick(5);
+    silent.on_tick(5 + timeout / 2);
+    assert!(silent.close_reason().is_none());
+    silent.on_tick(6 + timeout);
+    assert!(silent.must_close_now());
+    let mut h = Host::new(&t);
+    h.icreq(false, false);
+    h.qp.on_tick(h.now + timeout + 1);
+    assert!(h.qp.must_close_now(), "ICReq but no Connect");
+    let short = QueueLimits {
+        connect_timeout_ms: 1000,
+        ..QueueLimits::default()
+    };
+    let (_admin, mut io) = bring_up_with(&t, false, short);
+    io.qp.on_tick(io.now + 1001);
+    assert!(
+        io.qp.close_reason().is_none(),
+        "a connected queue has no connect timeout"
+    );
+}
+
+#[test]
+fn registry_sweep_reaps_controllers_whose_keep_alive_expired() {
+    let t = target_with(AnaState::Optimized);
+    let (admin, _io) = bring_up(&t, false);
+    assert_eq!(t.reap_expired_controllers(admin.now + 1000), 0);
+    assert_eq!(t.reap_expired_controllers(admin.now + 60_000), 1);
+    assert!(t.controllers().is_empty());
+    // The leaked queue then notices and closes.
+    std::mem::forget(admin);
 }

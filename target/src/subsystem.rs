@@ -439,6 +439,28 @@ impl Target {
         lock(&self.registry).ctrls.values().cloned().collect()
     }
 
+    /// Destroys every controller whose keep-alive expired. The admin
+    /// connection normally notices first; this sweep is the backstop for a
+    /// controller whose connection task is gone or wedged, so no CNTLID
+    /// stays allocated for ever.
+    pub fn reap_expired_controllers(&self, now_ms: u64) -> usize {
+        let expired: Vec<Arc<Ctrlr>> = lock(&self.registry)
+            .ctrls
+            .values()
+            .filter(|c| c.kato_expired(now_ms))
+            .cloned()
+            .collect();
+        for c in &expired {
+            tracing::warn!(
+                cntlid = c.cntlid(),
+                hostnqn = c.hostnqn(),
+                "keep-alive expired: controller reaped by the registry sweep"
+            );
+            c.destroy();
+        }
+        expired.len()
+    }
+
     /// Removes one controller; used by `Ctrlr::destroy`.
     pub(crate) fn unregister(&self, subnqn: &str, cntlid: u16) {
         let removed = lock(&self.registry)

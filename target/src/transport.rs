@@ -49,6 +49,11 @@ pub struct TransportConfig {
     /// catches the host's next command without a sleep and wakeup per batch,
     /// and an idle target still uses no CPU.
     pub poll_us: u64,
+    /// Open connections over all listeners; past it a new connection is
+    /// closed as soon as it is accepted.
+    pub max_connections: usize,
+    /// Open connections per listener (port).
+    pub max_connections_per_listener: usize,
 }
 
 impl Default for TransportConfig {
@@ -58,13 +63,31 @@ impl Default for TransportConfig {
             pin_cores: true,
             limits: QueueLimits::default(),
             poll_us: 50,
+            max_connections: 4096,
+            max_connections_per_listener: 2048,
         }
+    }
+}
+
+/// Keeps the open-connection counts right however a connection task ends,
+/// a panic included.
+struct ConnCount {
+    total: Arc<AtomicUsize>,
+    port: Arc<AtomicUsize>,
+}
+
+impl Drop for ConnCount {
+    fn drop(&mut self) {
+        self.total.fetch_sub(1, Ordering::Relaxed);
+        self.port.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 struct NewConn {
     stream: std::net::TcpStream,
     port_id: u16,
+    /// Counted at accept; released when the connection task ends.
+    count: ConnCount,
 }
 
 enum AcceptorCmd {
@@ -100,7 +123,6 @@ impl Transport {
             reactor_txs.push(tx);
             let target = target.clone();
             let shutdown = shutdown_rx.clone();
-            let open = open.clone();
             let limits = cfg.limits;
             let pin = cfg.pin_cores;
             let poll = Duration::from_micros(cfg.poll_us);
@@ -111,16 +133,24 @@ impl Transport {
                         if pin {
                             pin_to_cpu(i);
                         }
-                        reactor_main(rx, target, limits, poll, shutdown, open, epoch)
+                        reactor_main(rx, target, limits, poll, shutdown, epoch)
                     })?,
             );
         }
         let (acceptor_tx, acceptor_rx) = mpsc::unbounded_channel();
         let shutdown = shutdown_rx.clone();
+        let acc = Acceptor {
+            reactors: reactor_txs,
+            open: open.clone(),
+            max_total: cfg.max_connections.max(1),
+            max_per_port: cfg.max_connections_per_listener.max(1),
+            target,
+            epoch,
+        };
         threads.push(
             std::thread::Builder::new()
                 .name("acceptor".into())
-                .spawn(move || acceptor_main(acceptor_rx, reactor_txs, shutdown))?,
+                .spawn(move || acceptor_main(acceptor_rx, acc, shutdown))?,
         );
         Ok(Self {
             acceptor_tx,
@@ -188,34 +218,73 @@ fn current_thread_runtime() -> tokio::runtime::Runtime {
         .expect("tokio current-thread runtime")
 }
 
+struct Acceptor {
+    reactors: Vec<mpsc::UnboundedSender<NewConn>>,
+    open: Arc<AtomicUsize>,
+    max_total: usize,
+    max_per_port: usize,
+    target: Arc<Target>,
+    epoch: Instant,
+}
+
+/// How often the acceptor sweeps the registry for controllers whose
+/// keep-alive expired without their connection noticing.
+const SWEEP: Duration = Duration::from_secs(1);
+
 fn acceptor_main(
     mut cmds: mpsc::UnboundedReceiver<AcceptorCmd>,
-    reactors: Vec<mpsc::UnboundedSender<NewConn>>,
+    acc: Acceptor,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let rt = current_thread_runtime();
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        let reactors = Arc::new(reactors);
+        let acc = Arc::new(acc);
         let next = Arc::new(AtomicUsize::new(0));
         let mut tasks: HashMap<u16, tokio::task::JoinHandle<()>> = HashMap::new();
+        let mut sweep = tokio::time::interval(SWEEP);
         loop {
             tokio::select! {
                 _ = shutdown.changed() => break,
+                _ = sweep.tick() => {
+                    let now = acc.epoch.elapsed().as_millis() as u64;
+                    acc.target.reap_expired_controllers(now);
+                }
                 cmd = cmds.recv() => match cmd {
                     None => break,
                     Some(AcceptorCmd::Add { listener, port_id }) => {
                         let Ok(l) = tokio::net::TcpListener::from_std(listener) else { continue };
-                        let reactors = reactors.clone();
+                        let acc = acc.clone();
                         let next = next.clone();
+                        let port_open = Arc::new(AtomicUsize::new(0));
                         let h = tokio::task::spawn_local(async move {
+                            // Logged once per episode of being at a limit.
+                            let mut at_limit = false;
                             loop {
                                 match l.accept().await {
                                     Ok((s, peer)) => {
+                                        let total = acc.open.load(Ordering::Relaxed);
+                                        let here = port_open.load(Ordering::Relaxed);
+                                        if total >= acc.max_total || here >= acc.max_per_port {
+                                            if !at_limit {
+                                                tracing::warn!(
+                                                    %peer, port_id, open = total, on_port = here,
+                                                    max = acc.max_total, max_per_listener = acc.max_per_port,
+                                                    "connection limit reached: refusing new connections until some close"
+                                                );
+                                                at_limit = true;
+                                            }
+                                            drop(s);
+                                            continue;
+                                        }
+                                        at_limit = false;
                                         tracing::debug!(%peer, port_id, "accepted");
                                         let Ok(s) = s.into_std() else { continue };
-                                        let i = next.fetch_add(1, Ordering::Relaxed) % reactors.len();
-                                        let _ = reactors[i].send(NewConn { stream: s, port_id });
+                                        acc.open.fetch_add(1, Ordering::Relaxed);
+                                        port_open.fetch_add(1, Ordering::Relaxed);
+                                        let count = ConnCount { total: acc.open.clone(), port: port_open.clone() };
+                                        let i = next.fetch_add(1, Ordering::Relaxed) % acc.reactors.len();
+                                        let _ = acc.reactors[i].send(NewConn { stream: s, port_id, count });
                                     }
                                     Err(e) => {
                                         tracing::warn!(error = %e, "accept failed");
@@ -248,7 +317,6 @@ fn reactor_main(
     limits: QueueLimits,
     poll: Duration,
     mut shutdown: watch::Receiver<bool>,
-    open: Arc<AtomicUsize>,
     epoch: Instant,
 ) {
     let rt = current_thread_runtime();
@@ -262,8 +330,6 @@ fn reactor_main(
                     let Some(c) = c else { break };
                     let target = target.clone();
                     let sd = shutdown.clone();
-                    let open = open.clone();
-                    open.fetch_add(1, Ordering::Relaxed);
                     live.retain(|h: &tokio::task::JoinHandle<()>| !h.is_finished());
                     live.push(tokio::task::spawn_local(async move {
                         let peer = c.stream.peer_addr().ok();
@@ -271,7 +337,6 @@ fn reactor_main(
                             Ok(reason) => tracing::debug!(?peer, ?reason, "connection closed"),
                             Err(e) => tracing::debug!(?peer, error = %e, "connection ended"),
                         }
-                        open.fetch_sub(1, Ordering::Relaxed);
                     }));
                 }
             }
@@ -292,10 +357,16 @@ async fn serve_connection(
     mut shutdown: watch::Receiver<bool>,
     epoch: Instant,
 ) -> io::Result<Option<CloseReason>> {
+    let _count = c.count;
     c.stream.set_nodelay(true)?;
     c.stream.set_nonblocking(true)?;
+    let peer = c.stream.peer_addr().ok();
     let stream = TcpStream::from_std(c.stream)?;
+    // Dropping the queue (a panic included) releases its controller.
     let mut qp = QueuePair::new(target, c.port_id, limits);
+    if let Some(p) = peer {
+        qp.set_peer(p);
+    }
     let mut conn = Conn {
         rx: vec![0u8; RX_BUF],
         rx_len: 0,
@@ -366,8 +437,23 @@ impl Conn {
     ) -> Poll<io::Result<Option<CloseReason>>> {
         for _ in 0..BUDGET {
             let mut progress = false;
-            if qp.close_reason().is_none()
-                && self.rx_len == 0
+            if qp.must_close_now() {
+                return Poll::Ready(Ok(qp.close_reason().cloned()));
+            }
+            if qp.wants_input() && self.rx_len > 0 {
+                // Bytes left when input paused (or a partial header): the
+                // queue may take them now without another read.
+                let used = qp.handle_input(&self.rx[..self.rx_len], self.now_ms());
+                if used > 0 {
+                    self.rx.copy_within(used..self.rx_len, 0);
+                    self.rx_len -= used;
+                    progress = true;
+                }
+            }
+            if !qp.wants_input() {
+                // Back-pressure: nothing more is read until the host has
+                // taken its output (or the device has finished its reads).
+            } else if self.rx_len == 0
                 && let Some(dst) = qp.direct_rx()
             {
                 // Large write data goes from the socket into the command's
@@ -381,7 +467,7 @@ impl Conn {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Poll::Ready(Err(e)),
                 }
-            } else if qp.close_reason().is_none() {
+            } else if self.rx_len < self.rx.len() {
                 match stream.try_read(&mut self.rx[self.rx_len..]) {
                     Ok(0) => return Poll::Ready(Ok(None)),
                     Ok(n) => {
@@ -429,7 +515,9 @@ impl Conn {
             if progress {
                 self.last_active = Instant::now();
             } else {
-                let readable = qp.close_reason().is_none() && stream.poll_read_ready(cx).is_ready();
+                let readable = qp.wants_input()
+                    && self.rx_len < self.rx.len()
+                    && stream.poll_read_ready(cx).is_ready();
                 let writable = qp.has_tx() && stream.poll_write_ready(cx).is_ready();
                 if !readable && !writable {
                     if self.last_active.elapsed() < self.poll {

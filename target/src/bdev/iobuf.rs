@@ -101,6 +101,9 @@ impl std::fmt::Debug for IoBuf {
 pub struct BufPool {
     classes: Vec<Vec<IoBuf>>,
     max_per_class: usize,
+    /// Bytes of idle buffers kept; past this a returned buffer is freed.
+    max_bytes: usize,
+    retained: usize,
     allocations: u64,
 }
 
@@ -111,8 +114,28 @@ impl BufPool {
         Self {
             classes: (0..16).map(|_| Vec::new()).collect(),
             max_per_class,
+            max_bytes: usize::MAX,
+            retained: 0,
             allocations: 0,
         }
+    }
+    /// Also bounds the idle bytes kept over all classes.
+    pub fn with_max_bytes(mut self, max_bytes: usize) -> Self {
+        self.max_bytes = max_bytes;
+        self
+    }
+    /// Frees idle buffers, largest first, until at most `keep` bytes remain.
+    pub fn trim(&mut self, keep: usize) {
+        for class in self.classes.iter_mut().rev() {
+            while self.retained > keep {
+                let Some(b) = class.pop() else { break };
+                self.retained -= b.capacity();
+            }
+        }
+    }
+    /// Idle bytes held for reuse.
+    pub fn retained_bytes(&self) -> usize {
+        self.retained
     }
     fn class_of(cap: usize) -> usize {
         let shift = cap
@@ -126,7 +149,10 @@ impl BufPool {
     pub fn get(&mut self, len: usize) -> IoBuf {
         let class = Self::class_of(len);
         let mut buf = match self.classes.get_mut(class).and_then(Vec::pop) {
-            Some(b) => b,
+            Some(b) => {
+                self.retained -= b.capacity();
+                b
+            }
             None => {
                 self.allocations += 1;
                 IoBuf::new(1usize << (class as u32 + MIN_CLASS_SHIFT))
@@ -140,7 +166,9 @@ impl BufPool {
         if buf.capacity() == 1 << (class as u32 + MIN_CLASS_SHIFT)
             && let Some(list) = self.classes.get_mut(class)
             && list.len() < self.max_per_class
+            && self.retained + buf.capacity() <= self.max_bytes
         {
+            self.retained += buf.capacity();
             list.push(buf);
         }
     }
@@ -178,5 +206,28 @@ mod tests {
             p.put(y);
         }
         assert_eq!(p.allocations(), 2);
+    }
+
+    #[test]
+    fn pool_bounds_and_trims_idle_bytes() {
+        let mut p = BufPool::new(256).with_max_bytes(3 << 20);
+        let bufs: Vec<_> = (0..8).map(|_| p.get(1 << 20)).collect();
+        for b in bufs {
+            p.put(b);
+        }
+        assert_eq!(p.retained_bytes(), 3 << 20, "capped at max_bytes");
+        p.trim(1 << 20);
+        assert_eq!(p.retained_bytes(), 1 << 20);
+        let small: Vec<_> = (0..4).map(|_| p.get(4096)).collect();
+        for b in small {
+            p.put(b);
+        }
+        p.trim(64 << 10);
+        assert!(p.retained_bytes() <= 64 << 10, "{}", p.retained_bytes());
+        assert_eq!(
+            p.retained_bytes(),
+            4 * 4096,
+            "large buffers are freed first"
+        );
     }
 }

@@ -305,10 +305,12 @@ impl Ctrlr {
                 )),
                 None => Err(Status::INVALID_NAMESPACE.dnr()),
             },
-            // NVM command set specific Identify Controller: all zero means
-            // no DMRL/DMRSL/WZSL limits.
+            // NVM command set specific Identify Controller: the Dataset
+            // Management and Write Zeroes limits that keep one command
+            // bounded in time on every backing (an objbacker TRIM is one
+            // DELETE per object).
             cns::CSI_CONTROLLER if (cmd.cdw11() >> 24) as u8 == CSI_NVM => {
-                Ok(vec![0; IDENTIFY_DATA_SIZE])
+                Ok(identify::nvm_controller(&identify::NvmLimits::TARGET))
             }
             // CNS 08h is only sent to VS >= 2.0 controllers; the host falls
             // back to CNS 00h on any error.
@@ -666,11 +668,16 @@ fn cmd_effects() -> Vec<u8> {
 
 impl AdminState {
     /// Controller Level Reset (CC.EN 1→0): features back to their defaults,
-    /// queued events and parked AERs dropped (the host aborts its own
-    /// outstanding commands on reset).
+    /// queued events dropped. Parked AERs complete with Command Aborted due
+    /// to SQ Deletion, as SPDK does: every accepted capsule gets exactly one
+    /// response, also across a reset (a host that already gave up on them
+    /// ignores the completions).
     fn reset(&mut self) {
         self.io_queues_granted = None;
-        self.parked_aers.clear();
+        while let Some(cid) = self.parked_aers.pop_front() {
+            self.ready
+                .push(NvmeCpl::new(cid, Status::ABORTED_SQ_DELETION));
+        }
         self.pending.clear();
         self.masked = 0;
         self.changed_ns.clear();

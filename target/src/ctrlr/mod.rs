@@ -231,25 +231,77 @@ pub fn connect(
     data: &[u8],
     now_ms: u64,
 ) -> Result<(Connected, NvmeCpl), NvmeCpl> {
+    connect_explained(target, port_id, cmd, data, now_ms).map_err(|r| r.cpl)
+}
+
+/// A refused Connect: the CQE to send and, for the operator's log, the
+/// reason in words and the NQNs the host presented.
+#[derive(Clone, Debug)]
+pub struct ConnectRefusal {
+    pub cpl: NvmeCpl,
+    pub reason: &'static str,
+    pub subnqn: String,
+    pub hostnqn: String,
+}
+
+/// Largest admin SQSIZE (0's based) accepted: MQES bounds I/O queues only,
+/// so the admin queue needs its own bound (SPDK's max_aq_depth is 128; the
+/// Linux host asks for 32).
+pub const MAX_ADMIN_SQSIZE: u16 = 127;
+
+/// [`connect`], with the reason for a refusal.
+pub fn connect_explained(
+    target: &Arc<Target>,
+    port_id: u16,
+    cmd: &NvmeCmd,
+    data: &[u8],
+    now_ms: u64,
+) -> Result<(Connected, NvmeCpl), ConnectRefusal> {
     let cid = cmd.cid();
-    let fail = |status: Status, dw0: u32| Err(cpl(cid, status.dnr(), dw0));
+    let mut nqns = (String::new(), String::new());
+    let fail = |nqns: &(String, String), status: Status, dw0: u32, reason: &'static str| {
+        Err(ConnectRefusal {
+            cpl: cpl(cid, status.dnr(), dw0),
+            reason,
+            subnqn: nqns.0.clone(),
+            hostnqn: nqns.1.clone(),
+        })
+    };
     if cmd.opcode() != admin_opc::FABRICS || cmd.fctype() != fctype::CONNECT {
-        return fail(Status::INVALID_OPCODE, 0);
+        return fail(&nqns, Status::INVALID_OPCODE, 0, "not a Connect command");
     }
     let recfmt = cmd.cdw10() as u16;
     let qid = (cmd.cdw10() >> 16) as u16;
     let sqsize = cmd.cdw11() as u16;
     let kato = cmd.cdw12();
     if recfmt != 0 {
-        return fail(Status::CONNECT_INCOMPATIBLE_FORMAT, 0);
+        return fail(
+            &nqns,
+            Status::CONNECT_INCOMPATIBLE_FORMAT,
+            0,
+            "RECFMT is not 0",
+        );
     }
     if data.len() < CONNECT_DATA_LEN {
-        return fail(Status::DATA_SGL_LENGTH_INVALID, 0);
+        return fail(
+            &nqns,
+            Status::DATA_SGL_LENGTH_INVALID,
+            0,
+            "Connect data shorter than 1024 bytes",
+        );
     }
     let d = match ConnectData::decode(data) {
         Ok(d) => d,
-        Err(off) => return fail(Status::CONNECT_INVALID_PARAM, ipo_data(off)),
+        Err(off) => {
+            let reason = if off == DATA_OFF_SUBNQN {
+                "subsystem NQN empty, too long or not UTF-8"
+            } else {
+                "host NQN too long or not UTF-8"
+            };
+            return fail(&nqns, Status::CONNECT_INVALID_PARAM, ipo_data(off), reason);
+        }
     };
+    nqns = (d.subnqn.clone(), d.hostnqn.clone());
     let discovery = d.subnqn == DISCOVERY_NQN;
     // Registry before config (the lock order), and held throughout so a
     // concurrent `apply` either sees this controller or it sees the new config.
@@ -257,22 +309,64 @@ pub fn connect(
     let cfg = target.snapshot();
     if !discovery {
         let Some(sub) = cfg.subsystem_on_port(&d.subnqn, port_id) else {
-            return fail(Status::CONNECT_INVALID_PARAM, ipo_data(DATA_OFF_SUBNQN));
+            return fail(
+                &nqns,
+                Status::CONNECT_INVALID_PARAM,
+                ipo_data(DATA_OFF_SUBNQN),
+                "subsystem NQN not served on this port",
+            );
         };
+        // An empty HOSTNQN (SPDK's tools send one by default) identifies
+        // nobody: fine where any host may connect, never on an allow-list.
+        if d.hostnqn.is_empty() && !sub.allow_any_host {
+            return fail(
+                &nqns,
+                Status::CONNECT_INVALID_HOST,
+                ipo_data(DATA_OFF_HOSTNQN),
+                "empty host NQN on a subsystem with an allow-list",
+            );
+        }
         if !sub.host_allowed(&d.hostnqn) {
-            return fail(Status::CONNECT_INVALID_HOST, ipo_data(DATA_OFF_HOSTNQN));
+            return fail(
+                &nqns,
+                Status::CONNECT_INVALID_HOST,
+                ipo_data(DATA_OFF_HOSTNQN),
+                "host NQN not allowed",
+            );
         }
     }
     if qid == 0 {
         if d.cntlid != CNTLID_DYNAMIC {
-            return fail(Status::CONNECT_INVALID_PARAM, ipo_data(DATA_OFF_CNTLID));
+            return fail(
+                &nqns,
+                Status::CONNECT_INVALID_PARAM,
+                ipo_data(DATA_OFF_CNTLID),
+                "admin queue asked for a static controller ID (only the dynamic model, FFFFh, is served)",
+            );
         }
-        // MQES bounds I/O queues only; the admin queue just must exist.
         if sqsize == 0 {
-            return fail(Status::CONNECT_INVALID_PARAM, ipo_sqe(SQE_OFF_SQSIZE));
+            return fail(
+                &nqns,
+                Status::CONNECT_INVALID_PARAM,
+                ipo_sqe(SQE_OFF_SQSIZE),
+                "SQSIZE 0",
+            );
+        }
+        if sqsize > MAX_ADMIN_SQSIZE {
+            return fail(
+                &nqns,
+                Status::CONNECT_INVALID_PARAM,
+                ipo_sqe(SQE_OFF_SQSIZE),
+                "admin SQSIZE above 127",
+            );
         }
         let Some(cntlid) = reg.alloc_cntlid(&d.subnqn) else {
-            return fail(Status::CONNECT_CTRL_BUSY, 0);
+            return fail(
+                &nqns,
+                Status::CONNECT_CTRL_BUSY,
+                0,
+                "no free controller ID in this subsystem",
+            );
         };
         let mut kato_ms = u64::from(kato);
         if discovery && kato_ms == 0 {
@@ -290,29 +384,73 @@ pub fn connect(
     }
 
     if discovery {
-        // A discovery controller has no I/O queues.
-        return fail(Status::CONNECT_INVALID_PARAM, ipo_sqe(SQE_OFF_QID));
+        return fail(
+            &nqns,
+            Status::CONNECT_INVALID_PARAM,
+            ipo_sqe(SQE_OFF_QID),
+            "I/O queue to the discovery controller",
+        );
     }
     let ctrlr = match reg.ctrls.get(&(d.subnqn.clone(), d.cntlid)) {
         Some(c) if c.hostnqn == d.hostnqn && c.port_id == port_id && !c.is_destroyed() => c.clone(),
-        _ => return fail(Status::CONNECT_INVALID_PARAM, ipo_data(DATA_OFF_CNTLID)),
+        _ => {
+            return fail(
+                &nqns,
+                Status::CONNECT_INVALID_PARAM,
+                ipo_data(DATA_OFF_CNTLID),
+                "unknown controller ID (for this host and port)",
+            );
+        }
     };
     drop(reg);
     if ctrlr.hostid != d.hostid {
-        return fail(Status::CONNECT_INVALID_PARAM, ipo_data(DATA_OFF_HOSTID));
+        return fail(
+            &nqns,
+            Status::CONNECT_INVALID_PARAM,
+            ipo_data(DATA_OFF_HOSTID),
+            "host ID differs from the admin queue's",
+        );
     }
     let mut st = lock(&ctrlr.state);
     if !ctrlr.is_enabled() {
-        return fail(Status::COMMAND_SEQUENCE_ERROR, 0);
+        return fail(
+            &nqns,
+            Status::COMMAND_SEQUENCE_ERROR,
+            0,
+            "I/O queue before the controller is enabled",
+        );
     }
     if qid > st.io_queues_granted.unwrap_or(0) {
-        return fail(Status::CONNECT_INVALID_PARAM, ipo_sqe(SQE_OFF_QID));
+        return fail(
+            &nqns,
+            Status::CONNECT_INVALID_PARAM,
+            ipo_sqe(SQE_OFF_QID),
+            "QID beyond the I/O queues granted",
+        );
     }
-    if sqsize == 0 || sqsize > MQES {
-        return fail(Status::CONNECT_INVALID_PARAM, ipo_sqe(SQE_OFF_SQSIZE));
+    if sqsize == 0 {
+        return fail(
+            &nqns,
+            Status::CONNECT_INVALID_PARAM,
+            ipo_sqe(SQE_OFF_SQSIZE),
+            "SQSIZE 0",
+        );
+    }
+    if sqsize > MQES {
+        return fail(
+            &nqns,
+            Status::CONNECT_INVALID_PARAM,
+            ipo_sqe(SQE_OFF_SQSIZE),
+            "SQSIZE above MQES (1023)",
+        );
     }
     if !st.io_qids.insert(qid) {
-        return fail(Status::COMMAND_SEQUENCE_ERROR, 0);
+        return fail(
+            &nqns,
+            Status::COMMAND_SEQUENCE_ERROR,
+            0,
+            "QID already connected",
+        );
     }
     drop(st);
     ctrlr.touch(now_ms);
@@ -420,6 +558,14 @@ impl Ctrlr {
         let r = self.dispatch(&mut st, &ctx, cmd);
         self.enabled.store(st.is_ready(), Ordering::Release);
         r
+    }
+
+    /// AERs accepted and not yet sent: parked, or completed and waiting in
+    /// [`Ctrlr::take_events`]. The admin queue's completion accounting
+    /// counts them as legitimately in flight.
+    pub fn aers_outstanding(&self) -> usize {
+        let st = lock(&self.state);
+        st.parked_aers.len() + st.ready.len()
     }
 
     /// Completions for parked AERs that now have an event to report (the

@@ -666,7 +666,20 @@ fn identify_namespace_and_lists() {
     let (cpl, b) = identify(&c, cns::CSI_CONTROLLER, 0, 0);
     assert!(cpl.status.is_success());
     assert_eq!(b.len(), 4096);
-    assert!(b.iter().all(|&x| x == 0));
+    // WZSL, DMRL, DMRSL, DMSL: what bounds a TRIM or Write Zeroes command.
+    assert_eq!(b[1], 13, "WZSL: 32 MiB");
+    assert_eq!(b[3], 255, "DMRL");
+    assert_eq!(
+        u32::from_le_bytes(b[4..8].try_into().unwrap()),
+        1 << 18,
+        "DMRSL"
+    );
+    assert_eq!(
+        u64::from_le_bytes(b[8..16].try_into().unwrap()),
+        1 << 18,
+        "DMSL"
+    );
+    assert!(b[16..].iter().all(|&x| x == 0));
     let (cpl, _) = identify(&c, cns::CSI_CONTROLLER, 0, 2 << 24);
     assert_eq!(cpl.status, Status::INVALID_FIELD.dnr());
     for other in [cns::CS_INDEPENDENT_NAMESPACE, 0x04, 0x05, 0x10, 0x1f, 0xff] {

@@ -268,3 +268,46 @@ mod tests {
         assert_eq!(u32::from_le_bytes(b[4092..4096].try_into().unwrap()), 1024);
     }
 }
+
+/// Limits reported in the I/O Command Set specific Identify Controller data
+/// structure for the NVM command set (CNS 06h, CSI 00h).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NvmLimits {
+    /// Write Zeroes Size Limit: 2^n units of CAP.MPSMIN (0 = no limit).
+    pub wzsl: u8,
+    /// Dataset Management Ranges Limit (0 = no limit).
+    pub dmrl: u8,
+    /// Dataset Management Range Size Limit, in logical blocks.
+    pub dmrsl: u32,
+    /// Dataset Management Size Limit (all ranges), in logical blocks.
+    pub dmsl: u64,
+}
+
+impl NvmLimits {
+    /// What this target advertises and enforces: 256 ranges, 2^18 blocks per
+    /// range and per command (128 MiB at 512-byte blocks, 1 GiB at 4 KiB:
+    /// at most 1,024 objects of 1 MiB per Deallocate), Write Zeroes up to
+    /// 2^13 × 4 KiB = 32 MiB, which is also what a 16-bit NLB can say at
+    /// 512-byte blocks.
+    pub const TARGET: NvmLimits = NvmLimits {
+        wzsl: 13,
+        dmrl: 0xff,
+        dmrsl: 1 << 18,
+        dmsl: 1 << 18,
+    };
+
+    /// Largest Write Zeroes in bytes.
+    pub fn write_zeroes_bytes(&self) -> u64 {
+        4096u64 << self.wzsl
+    }
+}
+
+/// Identify Controller, NVM command set specific (NVM Command Set 4.1.5.4).
+pub fn nvm_controller(l: &NvmLimits) -> Vec<u8> {
+    let mut b = vec![0u8; IDENTIFY_DATA_SIZE];
+    b[1] = l.wzsl;
+    b[3] = l.dmrl;
+    b[4..8].copy_from_slice(&l.dmrsl.to_le_bytes());
+    b[8..16].copy_from_slice(&l.dmsl.to_le_bytes());
+    b
+}

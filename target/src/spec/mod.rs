@@ -269,9 +269,9 @@ pub const CONNECT_DATA_LEN: usize = 1024;
 pub const NQN_MAX: usize = 223;
 pub const DISCOVERY_NQN: &str = "nqn.2014-08.org.nvmexpress.discovery";
 
-fn nqn_field(b: &[u8]) -> Result<String, ()> {
+fn nqn_field(b: &[u8], allow_empty: bool) -> Result<String, ()> {
     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-    if end == 0 || end > NQN_MAX {
+    if (end == 0 && !allow_empty) || end > NQN_MAX {
         return Err(());
     }
     std::str::from_utf8(&b[..end])
@@ -289,8 +289,10 @@ impl ConnectData {
         Ok(Self {
             hostid: b[0..16].try_into().unwrap(),
             cntlid: u16::from_le_bytes([b[16], b[17]]),
-            subnqn: nqn_field(&b[256..512]).map_err(|_| 256u16)?,
-            hostnqn: nqn_field(&b[512..768]).map_err(|_| 512u16)?,
+            subnqn: nqn_field(&b[256..512], false).map_err(|_| 256u16)?,
+            // Empty is legal here: the Connect decides whether the
+            // subsystem accepts an anonymous host.
+            hostnqn: nqn_field(&b[512..768], true).map_err(|_| 512u16)?,
         })
     }
     pub fn encode(&self) -> [u8; CONNECT_DATA_LEN] {
@@ -349,8 +351,13 @@ mod tests {
         };
         let mut b = d.encode();
         assert_eq!(ConnectData::decode(&b).unwrap(), d);
+        // An empty host NQN decodes; Connect decides whether it is allowed.
         b[512] = 0;
-        assert_eq!(ConnectData::decode(&b), Err(512));
+        assert_eq!(ConnectData::decode(&b).unwrap().hostnqn, "");
+        b[512..768].fill(b'a');
+        assert_eq!(ConnectData::decode(&b), Err(512), "no NUL within 256 bytes");
+        b[256] = 0;
+        assert_eq!(ConnectData::decode(&b), Err(256));
         assert_eq!(ConnectData::decode(&b[..100]), Err(0));
     }
 }
