@@ -21,6 +21,7 @@ use std::task::{Context, Poll};
 use crate::bdev::{BdevChannel, BdevCompletion, BdevIo, BufPool, IoBuf, IoError, IoOp};
 use crate::ctrlr::{self, AdminResult, Connected, Ctrlr, IoView};
 use crate::pdu::{self, DecodeConfig, FatalErrorStatus, PduError, PduHeader, PduType, Role};
+use crate::spec::identify::NvmLimits;
 use crate::spec::{
     NvmeCmd, NvmeCpl, SGL_ID_DATA_BLOCK_OFFSET, SGL_ID_TRANSPORT_DATA_BLOCK, Status, admin_opc,
     fctype, io_opc,
@@ -1254,6 +1255,9 @@ impl QueuePair {
                     _ => return Err(Status::LBA_OUT_OF_RANGE.dnr()),
                 }
                 if opc == io_opc::WRITE_ZEROES {
+                    if nlb * u64::from(ch.block_size) > NvmLimits::TARGET.write_zeroes_bytes() {
+                        return Err(Status::INVALID_FIELD.dnr());
+                    }
                     return Ok(IoPlan::Bdev { chan, xfer: 0 });
                 }
                 let xfer = nlb * u64::from(ch.block_size);
@@ -1367,6 +1371,8 @@ impl QueuePair {
         let num_blocks = self.channels[chan].num_blocks;
         let mut ranges = [(0u64, 0u64); 256];
         let mut n = 0;
+        let lim = NvmLimits::TARGET;
+        let mut total = 0u64;
         for r in data[..nr * 16].chunks_exact(16) {
             let len = u64::from(u32::from_le_bytes(r[4..8].try_into().unwrap()));
             let slba = u64::from_le_bytes(r[8..16].try_into().unwrap());
@@ -1376,6 +1382,12 @@ impl QueuePair {
             match slba.checked_add(len) {
                 Some(end) if end <= num_blocks => {}
                 _ => return self.complete_err(cmd, Status::LBA_OUT_OF_RANGE.dnr()),
+            }
+            // The advertised DMRSL/DMSL keep one command bounded in time (an
+            // objbacker TRIM is one DELETE per object).
+            total += len;
+            if deallocate && (len > u64::from(lim.dmrsl) || total > lim.dmsl) {
+                return self.complete_err(cmd, Status::INVALID_FIELD.dnr());
             }
             ranges[n] = (slba, len);
             n += 1;

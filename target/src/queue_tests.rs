@@ -16,7 +16,11 @@ fn target_with(ana: AnaState) -> Arc<Target> {
 }
 
 fn target_hosts(ana: AnaState, allow_any_host: bool) -> Arc<Target> {
-    let bdev = RamBdev::new("t", 64 << 20, 512).unwrap();
+    target_sized(ana, allow_any_host, 64 << 20)
+}
+
+fn target_sized(ana: AnaState, allow_any_host: bool, bytes: u64) -> Arc<Target> {
+    let bdev = RamBdev::new("t", bytes, 512).unwrap();
     let mut ana_map = std::collections::BTreeMap::new();
     ana_map.insert(1, ana);
     Target::new(TargetConfig {
@@ -1096,4 +1100,48 @@ fn registry_sweep_reaps_controllers_whose_keep_alive_expired() {
     assert!(t.controllers().is_empty());
     // The leaked queue then notices and closes.
     std::mem::forget(admin);
+}
+
+#[test]
+fn deallocate_and_write_zeroes_beyond_the_advertised_limits_are_refused() {
+    let t = target_sized(AnaState::Optimized, false, 256 << 20);
+    let (_admin, mut io) = bring_up(&t, false);
+    let lim = crate::spec::identify::NvmLimits::TARGET;
+    let dsm = |ranges: &[(u64, u32)]| {
+        let mut c = NvmeCmd::default();
+        c.set_opcode(io_opc::DATASET_MANAGEMENT);
+        c.set_nsid(1);
+        c.set_cdw(10, ranges.len() as u32 - 1);
+        c.set_cdw(11, 1 << 2);
+        let mut d = Vec::new();
+        for &(slba, len) in ranges {
+            d.extend_from_slice(&0u32.to_le_bytes());
+            d.extend_from_slice(&len.to_le_bytes());
+            d.extend_from_slice(&slba.to_le_bytes());
+        }
+        c.set_sgl(SglDescriptor {
+            addr: 0,
+            len: d.len() as u32,
+            id: SGL_ID_DATA_BLOCK_OFFSET,
+        });
+        (c, d)
+    };
+    let (c, d) = dsm(&[(0, lim.dmrsl)]);
+    assert!(io.cpl(c, &d).status.is_success());
+    let (c, d) = dsm(&[(0, lim.dmrsl + 1)]);
+    assert_eq!(io.cpl(c, &d).status, Status::INVALID_FIELD.dnr());
+    let half = lim.dmrsl / 2;
+    let (c, d) = dsm(&[
+        (0, half),
+        (u64::from(half), half),
+        (u64::from(lim.dmrsl), 1),
+    ]);
+    assert_eq!(
+        io.cpl(c, &d).status,
+        Status::INVALID_FIELD.dnr(),
+        "DMSL over all ranges"
+    );
+    let mut wz = io_cmd(io_opc::WRITE_ZEROES, 0, 1, false);
+    wz.set_cdw(12, 0xffff); // 65536 blocks of 512 B = 32 MiB: at the limit
+    assert!(io.cpl(wz, &[]).status.is_success());
 }
