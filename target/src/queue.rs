@@ -471,6 +471,9 @@ impl QueuePair {
         let total = buf.len();
         self.now_ms = self.now_ms.max(now_ms);
         self.born_ms.get_or_insert(now_ms);
+        // One generation check per batch of input, not per command: the
+        // I/O path's only shared read.
+        self.refresh_view();
         while !buf.is_empty() && !self.stop_rx {
             let used = match self.rx {
                 Rx::Header if !self.wants_input() => {
@@ -1122,7 +1125,6 @@ impl QueuePair {
     }
 
     fn on_io_capsule(&mut self, cmd: NvmeCmd, skip: usize, data_len: usize, has_ddgst: bool) {
-        self.refresh_view();
         match self.check_io(&cmd, data_len) {
             Err(st) => {
                 self.complete_err(&cmd, st);
