@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::guest::{self, HOST_FROM_GUEST, run_guest};
-use support::{Server, free_port, trigger_server};
+use support::{Server, free_port, trigger_server, wait_until};
 
 const GUEST_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -116,10 +116,9 @@ nvme disconnect -n {NQN}
     let results: Vec<&str> = run.lines_with("RESULT ").collect();
     assert_eq!(results, ["dd-ok", "fs-ok", "digests-ok"]);
     // Both associations released their controllers on disconnect.
-    std::thread::sleep(Duration::from_millis(300));
-    let released = srv.log_text().matches("controller released").count();
+    let released = || srv.log_text().matches("controller released").count();
     assert!(
-        released >= 2,
+        wait_until(Duration::from_secs(10), || released() >= 2),
         "disconnect must release the controller; log:\n{}",
         srv.log_text()
     );
@@ -149,9 +148,15 @@ fn multipath_two_listeners_and_ana_failover() {
     let next = body("inaccessible");
     let trig = trigger_server(move |action| {
         if action == "flip" {
+            let srv = s2.lock().unwrap();
+            let applied = || srv.log_text().matches("configuration applied").count();
+            let before = applied();
             std::fs::write(&cfg2, &next).unwrap();
-            s2.lock().unwrap().signal(libc::SIGHUP);
-            std::thread::sleep(Duration::from_millis(500));
+            srv.signal(libc::SIGHUP);
+            // Answer the guest only once the new ANA state is in force.
+            if !wait_until(Duration::from_secs(30), || applied() > before) {
+                return format!("FAIL: reload not applied; log:\n{}", srv.log_text());
+            }
         }
         "ok".into()
     });
@@ -170,7 +175,7 @@ for f in /sys/block/nvme0c*n1/ana_state; do echo "$f $(cat $f)"; done
 dd if=/dev/urandom of=/tmp/r bs=1M count=8 2>/dev/null
 dd if=/tmp/r of=/dev/nvme0n1 bs=1M oflag=direct 2>/dev/null
 # The host turns listener a inaccessible (SIGHUP) and answers when done.
-wget -q -O - http://{h}:{trig}/flip
+r=$(wget -q -O - http://{h}:{trig}/flip); echo "flip: $r"; [ "$r" = ok ]
 # I/O keeps working through b while a is inaccessible.
 for i in 1 2 3 4 5 6; do
   dd if=/tmp/r of=/dev/nvme0n1 bs=1M oflag=direct seek=$((i*8)) 2>/dev/null

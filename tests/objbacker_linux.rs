@@ -313,8 +313,8 @@ nvme disconnect -n {NQN}
     for c in checks.lock().unwrap().iter() {
         eprintln!("[host check] {c}");
     }
-    // The trigger thread keeps its clone of `srv` forever: take the server
-    // out so it is killed here.
+    // Take the server out of the trigger's shared slot so it is killed here
+    // (the trigger's drop, at the end of the test, also drops its clone).
     if let Some(s) = srv.lock().unwrap().take() {
         check_log(&s, "after the guest run");
     }

@@ -268,9 +268,8 @@ size = "16MiB"
     // A broken file is refused and changes nothing.
     std::fs::write(&cfg, "[[subsystem]]\nnqn = 'bogus'\n").unwrap();
     srv.signal(libc::SIGHUP);
-    std::thread::sleep(Duration::from_millis(300));
     assert!(
-        srv.log_text().contains("reload refused"),
+        srv.wait_log("reload refused", Duration::from_secs(10)),
         "{}",
         srv.log_text()
     );
@@ -317,11 +316,14 @@ fn config_errors_name_file_field_and_fix() {
         dir.path(),
         "[[subsystem]]\nnqn = \"nqn.2026-11.x:y\"\n[[subsystem.namespace]]\nnsid = 1\ntype = \"ram\"\nsize = \"lots\"\n",
     );
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    // Bounded and guarded: a serve that wrongly accepted the file would
+    // otherwise run (and block the test) forever.
+    let out = support::output_within(
+        std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+            .args(["serve", "--config"])
+            .arg(&cfg),
+        Duration::from_secs(30),
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&cfg.display().to_string()), "{err}");
@@ -381,18 +383,10 @@ fn sigterm_shuts_down_cleanly_with_connections_open() {
     let mut io = Client::io(srv.port, DEFAULT_NQN, HOST, cntlid, 1);
     good_io_still_works(&mut io, 1);
     srv.signal(libc::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(st) = srv.child.try_wait().unwrap() {
-            assert!(st.success(), "exit status {st:?}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "strata serve did not exit on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let st = srv
+        .wait_exit(Duration::from_secs(10))
+        .expect("strata serve did not exit on SIGTERM");
+    assert!(st.success(), "exit status {st:?}");
     assert!(matches!(io.recv(), Rsp::Closed));
 }
 
@@ -428,9 +422,12 @@ fn silent_host_loses_its_controller_after_kato() {
         "I/O queue outlived its controller"
     );
     assert!(matches!(a.recv(), Rsp::Closed), "admin queue outlived KATO");
+    // A protocol bound (KATO 1 s plus the target's sweep), not a speed
+    // figure: the socket's own 15 s read timeout would otherwise hide a
+    // target that never expires the controller.
     assert!(started.elapsed() < Duration::from_secs(14));
     assert!(
-        srv.log_text().contains("keep-alive timeout"),
+        srv.wait_log("keep-alive timeout", Duration::from_secs(10)),
         "{}",
         srv.log_text()
     );

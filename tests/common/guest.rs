@@ -26,8 +26,9 @@
 
 use std::io;
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -208,12 +209,21 @@ pub fn run_guest_with(
         .env("TMPDIR", tmp.path())
         .env_remove("GUEST_VERBOSE")
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(tmp.path().join("run.stderr"))?);
     if let Some(mem) = &opts.mem {
         cmd.env("GUEST_MEM", mem);
     }
-    let out = cmd.output()?;
+    // run.sh bounds the guest with timeout(1); this bound is only for a
+    // wedged run.sh. The guard kills run.sh, QEMU and everything else it
+    // started when the test ends, fails or panics.
+    let mut run = GuestProcess::spawn(&mut cmd)?;
+    let status = run.wait_within(timeout + Duration::from_secs(120));
+    drop(run);
+    let out = GuestOutput {
+        status,
+        stderr: std::fs::read(tmp.path().join("run.stderr")).unwrap_or_default(),
+    };
     let console = std::fs::read_to_string(&log)
         .map(|s| s.replace('\r', ""))
         .unwrap_or_default();
@@ -241,6 +251,151 @@ pub fn run_guest_with(
         console
     };
     Ok(GuestRun { exit_code, console })
+}
+
+struct GuestOutput {
+    status: ExitStatus,
+    stderr: Vec<u8>,
+}
+
+/// `tests/guest/run.sh` as a child: in its own process group, SIGKILLed by
+/// the kernel if the test process dies (PR_SET_PDEATHSIG), and on drop
+/// killed with its process group and every descendant (timeout(1) inside
+/// run.sh moves QEMU to a process group of its own), then reaped.
+struct GuestProcess {
+    child: Child,
+    /// Set once reaped: from then on the pid is no longer ours.
+    status: Option<ExitStatus>,
+}
+
+impl GuestProcess {
+    fn spawn(cmd: &mut Command) -> io::Result<GuestProcess> {
+        cmd.process_group(0);
+        #[cfg(target_os = "linux")]
+        {
+            let parent = std::process::id() as libc::pid_t;
+            // SAFETY: only async-signal-safe calls between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::prctl(
+                        libc::PR_SET_PDEATHSIG,
+                        libc::SIGKILL as libc::c_ulong,
+                        0,
+                        0,
+                        0,
+                    ) != 0
+                    {
+                        return Err(io::Error::last_os_error());
+                    }
+                    if libc::getppid() != parent {
+                        libc::_exit(1);
+                    }
+                    Ok(())
+                });
+            }
+        }
+        cmd.spawn().map(|child| GuestProcess {
+            child,
+            status: None,
+        })
+    }
+
+    /// The exit status, or a synthetic [`EXIT_TIMEOUT`] after killing it
+    /// when it runs past `limit`.
+    fn wait_within(&mut self, limit: Duration) -> ExitStatus {
+        use std::os::unix::process::ExitStatusExt;
+        let deadline = std::time::Instant::now() + limit;
+        while !self.exited() {
+            if std::time::Instant::now() >= deadline {
+                self.kill_all();
+                return ExitStatus::from_raw(EXIT_TIMEOUT << 8);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill_all()
+            .unwrap_or_else(|| ExitStatus::from_raw(EXIT_NO_MARKER << 8))
+    }
+
+    /// Whether run.sh exited, without reaping it (WNOWAIT): until it is
+    /// reaped its pid, which is also its process group's id, stays ours.
+    fn exited(&self) -> bool {
+        // SAFETY: waitid(2) with WNOWAIT on our own child; siginfo_t is
+        // plain data.
+        unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(
+                libc::P_PID,
+                self.child.id() as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            ) == 0
+                && info.si_pid() != 0
+        }
+    }
+
+    /// Kills the descendants and the process group, then reaps run.sh.
+    fn kill_all(&mut self) -> Option<ExitStatus> {
+        if self.status.is_some() {
+            return self.status;
+        }
+        let pid = self.child.id() as libc::pid_t;
+        // Descendants first (collected while run.sh still holds them),
+        // then the group, then run.sh.
+        for p in descendants(pid) {
+            // SAFETY: kill(2) on processes our own child started.
+            unsafe {
+                libc::kill(p, libc::SIGKILL);
+            }
+        }
+        // SAFETY: kill(2) on the group our own (unreaped) child leads.
+        unsafe {
+            libc::kill(-pid, libc::SIGKILL);
+        }
+        let _ = self.child.kill();
+        self.status = self.child.wait().ok();
+        self.status
+    }
+}
+
+impl Drop for GuestProcess {
+    fn drop(&mut self) {
+        self.kill_all();
+    }
+}
+
+/// Every live descendant of `root`, from /proc.
+fn descendants(root: libc::pid_t) -> Vec<libc::pid_t> {
+    let mut parent_of = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse().ok()) else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+                continue;
+            };
+            // pid (comm) state ppid ...; comm may contain spaces and ')'.
+            let Some(ppid) = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<libc::pid_t>().ok())
+            else {
+                continue;
+            };
+            parent_of.push((pid, ppid));
+        }
+    }
+    let mut out = vec![];
+    let mut frontier = vec![root];
+    while let Some(p) = frontier.pop() {
+        for &(c, pp) in &parent_of {
+            if pp == p && !out.contains(&c) {
+                out.push(c);
+                frontier.push(c);
+            }
+        }
+    }
+    out
 }
 
 /// Minimal self-deleting temp dir (std only, unique per process and call).

@@ -5,12 +5,159 @@
 
 use std::io::{BufRead, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use strata_target::pdu::{self, DecodeConfig, ICReq, PduHeader, Role};
 use strata_target::spec::{self, ConnectData, NvmeCmd, NvmeCpl, SglDescriptor};
+
+/// Makes `cmd` safe to spawn from a test: the child leads its own process
+/// group (so [`kill_and_reap`] reaches anything it spawns in turn), and on
+/// Linux it gets SIGKILL when the spawning thread's process dies abruptly
+/// (PR_SET_PDEATHSIG), so a crashed or killed test run leaves no server.
+///
+/// PR_SET_PDEATHSIG fires when the *thread* that spawned the child exits:
+/// spawn from a thread that outlives the child (the test's own thread, or a
+/// helper thread that is joined only after the child is dropped).
+pub fn guard_command(cmd: &mut Command) -> &mut Command {
+    cmd.process_group(0);
+    #[cfg(target_os = "linux")]
+    {
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: only async-signal-safe calls (prctl, getppid, _exit)
+        // between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent died between fork and prctl: nobody will kill us.
+                if libc::getppid() != parent {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+    }
+    cmd
+}
+
+/// Whether `child` exited, without reaping it (waitid WNOWAIT): until it is
+/// reaped, its pid — also its process group's id — cannot be reused, so
+/// [`kill_and_reap`] can still kill the group safely. Use this (or
+/// [`Server::wait_exit`]) instead of `child.try_wait()`, which reaps.
+pub fn has_exited(child: &Child) -> bool {
+    peek(child) != Peek::Running
+}
+
+#[derive(PartialEq)]
+enum Peek {
+    Running,
+    Exited,
+    /// Already reaped (by std): the pid is no longer ours.
+    Reaped,
+}
+
+fn peek(child: &Child) -> Peek {
+    // SAFETY: waitid(2) with WNOWAIT on our own child; siginfo_t is plain
+    // data.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let r = libc::waitid(
+            libc::P_PID,
+            child.id() as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        );
+        match (r, info.si_pid()) {
+            (0, 0) => Peek::Running,
+            (0, _) => Peek::Exited,
+            _ => Peek::Reaped,
+        }
+    }
+}
+
+/// SIGKILLs the process group `child` leads (see [`guard_command`]) and
+/// reaps the child; returns its exit status. Idempotent (once the child is
+/// reaped its group is not signalled again: the pid is no longer ours).
+pub fn kill_and_reap(child: &mut Child) -> Option<std::process::ExitStatus> {
+    if peek(child) != Peek::Reaped {
+        // SAFETY: kill(2) on the group our own, unreaped child leads.
+        unsafe {
+            libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL);
+        }
+        let _ = child.kill();
+    }
+    child.wait().ok()
+}
+
+/// A spawned child that is killed with its process group and reaped on
+/// drop, also when the test panics.
+pub struct ChildGuard(pub Child);
+
+impl ChildGuard {
+    /// Spawns `cmd` with [`guard_command`] applied.
+    pub fn spawn(cmd: &mut Command) -> std::io::Result<ChildGuard> {
+        guard_command(cmd).spawn().map(ChildGuard)
+    }
+
+    /// Waits up to `limit` for the child to exit; kills it (and fails the
+    /// test) if it does not.
+    pub fn wait_within(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let done = wait_until(limit, || has_exited(&self.0));
+        let status = kill_and_reap(&mut self.0).expect("wait for child");
+        assert!(done, "child {} did not exit within {limit:?}", self.0.id());
+        status
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        kill_and_reap(&mut self.0);
+    }
+}
+
+/// Polls `cond` every 10 ms until it holds (true) or `limit` passes (false,
+/// after one last check). Tests wait for events with this instead of
+/// sleeping a fixed time.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return cond();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `cmd`'s stdout and stderr once it exits; the child is killed (and the
+/// test fails) if it runs longer than `limit`.
+pub fn output_within(cmd: &mut Command, limit: Duration) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, err) = (dir.path().join("stdout"), dir.path().join("stderr"));
+    cmd.stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap());
+    let mut child = ChildGuard::spawn(cmd).expect("spawn");
+    let status = child.wait_within(limit);
+    std::process::Output {
+        status,
+        stdout: std::fs::read(&out).unwrap(),
+        stderr: std::fs::read(&err).unwrap(),
+    }
+}
 
 pub fn free_port() -> u16 {
     // Below the kernel's ephemeral range (32768+), so no outgoing
@@ -32,7 +179,11 @@ pub fn free_port() -> u16 {
     panic!("no free port in 20000..32000")
 }
 
-/// A running `strata serve`; killed (SIGKILL) on drop.
+/// A running `strata serve`, spawned with [`guard_command`]: killed
+/// (SIGKILL, with its process group) and reaped on drop, and killed by the
+/// kernel if the test process dies. Keep it owned by the test (not in a
+/// static, nor in an `Arc` held by a thread that never ends — see
+/// [`trigger_server`]), so the drop runs.
 pub struct Server {
     pub child: Child,
     pub port: u16,
@@ -62,7 +213,7 @@ impl Server {
         if let Some(c) = config {
             cmd.arg("--config").arg(c);
         }
-        let child = cmd.spawn().expect("spawn strata serve");
+        let child = guard_command(&mut cmd).spawn().expect("spawn strata serve");
         let s = Server {
             child,
             port,
@@ -98,9 +249,23 @@ impl Server {
         }
     }
 
+    /// SIGKILL (the whole process group) and reap.
     pub fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        kill_and_reap(&mut self.child);
+    }
+
+    /// Waits up to `limit` for the process to exit on its own; then kills
+    /// what is left of its process group and reaps it. `None` if it was
+    /// still running at the deadline (it is killed then, too).
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let exited = wait_until(limit, || has_exited(&self.child));
+        let st = kill_and_reap(&mut self.child);
+        if exited { st } else { None }
+    }
+
+    /// Waits up to `limit` for `needle` to appear in the log.
+    pub fn wait_log(&self, needle: &str, limit: Duration) -> bool {
+        wait_until(limit, || self.log_text().contains(needle))
     }
 }
 
@@ -385,7 +550,7 @@ impl Server {
         filter: &str,
     ) -> Server {
         let log = dir.join(format!("serve-{port}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_strata"))
+        let child = guard_command(&mut Command::new(env!("CARGO_BIN_EXE_strata")))
             .arg("serve")
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
@@ -413,12 +578,25 @@ impl Server {
 /// Lets a QEMU guest ask the host to act mid-script: it fetches
 /// `http://10.0.2.2:PORT/<action>` with busybox wget.
 /// Serves `GET /<action>` from the guest; the body is `act(action)`.
-pub fn trigger_server(act: impl Fn(&str) -> String + Send + 'static) -> u16 {
+///
+/// The returned [`Trigger`] prints as its port (for the guest script). Its
+/// drop stops and joins the serving thread, which drops `act` and whatever
+/// it holds — e.g. an `Arc` of the test's [`Server`]. (A thread that served
+/// forever kept such a server alive past the end of its test, and as the
+/// process exits without running destructors, the `strata serve` it held
+/// was orphaned.) Declare it after what `act` holds, so it drops first.
+pub fn trigger_server(act: impl Fn(&str) -> String + Send + 'static) -> Trigger {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let thread = std::thread::spawn(move || {
         for s in l.incoming() {
+            if stop2.load(std::sync::atomic::Ordering::SeqCst) {
+                break;
+            }
             let Ok(mut s) = s else { continue };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
             let mut line = String::new();
             if std::io::BufReader::new(&s).read_line(&mut line).is_err() {
                 continue;
@@ -439,5 +617,33 @@ pub fn trigger_server(act: impl Fn(&str) -> String + Send + 'static) -> u16 {
             );
         }
     });
-    port
+    Trigger {
+        port,
+        stop,
+        thread: Some(thread),
+    }
+}
+
+/// The serving thread of [`trigger_server`]; stopped and joined on drop.
+pub struct Trigger {
+    pub port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Display for Trigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.port)
+    }
+}
+
+impl Drop for Trigger {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wake the accept loop so it sees the flag.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }

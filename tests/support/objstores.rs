@@ -6,8 +6,10 @@
 //! * S3: s3s-fs embedded in the test process, on its own tokio runtime so a
 //!   test can take it down ([`S3s::stop`]: every connection dies at once)
 //!   and bring it back on the same port and directory ([`S3s::restart`]).
-//! * Azure Blob: Azurite 3 (npm), spawned and killed by the test. A missing
-//!   binary fails the test with the install command; it never skips.
+//! * Azure Blob: Azurite 3 (npm), spawned and killed by the test (its whole
+//!   process group, on drop; the kernel kills it if the test process dies).
+//!   A missing binary fails the test with the install command; it never
+//!   skips.
 //! * GCS: object_store's GCS client against s3s-fs with the empty
 //!   `Authorization: Bearer` header dropped (see [`GCS_NO_OAUTH`]).
 //! * Local directory: `file:///…`.
@@ -210,7 +212,8 @@ pub const AZ_ACCOUNT: &str = "devstoreaccount1";
 pub const AZ_KEY: &str =
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 
-/// A spawned `azurite-blob`, killed on drop.
+/// A spawned `azurite-blob` (see [`super::guard_command`]), killed with its
+/// process group and reaped on drop.
 pub struct Azurite {
     child: Child,
     pub port: u16,
@@ -221,7 +224,7 @@ impl Azurite {
     /// Panics (the test fails, it does not skip) when it is not installed.
     pub fn start(dir: &Path) -> Azurite {
         let port = super::free_port();
-        let child = Command::new("azurite-blob")
+        let child = super::guard_command(&mut Command::new("azurite-blob"))
             .args([
                 "--blobHost",
                 "127.0.0.1",
@@ -239,9 +242,12 @@ impl Azurite {
                     "cannot start azurite-blob ({e}). Install it with `bash .ci/install-objstores.sh` (npm install --global azurite@3)"
                 )
             });
-        let az = Azurite { child, port };
+        let mut az = Azurite { child, port };
         let t = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(st)) = az.child.try_wait() {
+                panic!("azurite-blob exited ({st}) before listening on {port}");
+            }
             assert!(
                 t.elapsed() < Duration::from_secs(30),
                 "azurite-blob did not listen on {port} within 30s"
@@ -317,8 +323,7 @@ impl Azurite {
 
 impl Drop for Azurite {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        super::kill_and_reap(&mut self.child);
     }
 }
 
