@@ -1,8 +1,11 @@
 //! The `strata` binary: wires the crates together.
 
-mod config;
 mod objbacker_cli;
-mod serve;
+
+// `objbacker_cli` reaches the config parser as `crate::config`.
+use strata::config;
+use strata::logging::{self, LogFormat};
+use strata::serve;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,6 +19,10 @@ use clap::{Parser, Subcommand};
     about = "NVMe-over-TCP block storage with tiered offload to object storage"
 )]
 struct Cli {
+    /// Log line format on stderr: `text` (coloured only on a terminal) or
+    /// `json` (one object per line, for log shippers).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -48,14 +55,8 @@ enum Cmd {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    logging::init(cli.log_format);
     let r = match cli.cmd {
         Cmd::Serve {
             config,
