@@ -40,6 +40,75 @@ struct RawConfig {
     listener: Vec<RawListener>,
     #[serde(default)]
     subsystem: Vec<RawSubsystem>,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+/// A byte count written as a number or a size string ("4MiB").
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+enum RawSize {
+    Bytes(u64),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_connections: Option<usize>,
+    max_connections_per_listener: Option<usize>,
+    max_pending_output: Option<RawSize>,
+    max_r2t_bytes: Option<RawSize>,
+    data_phase_timeout_ms: Option<u64>,
+    tx_stall_timeout_ms: Option<u64>,
+    connect_timeout_ms: Option<u64>,
+    pool_retain: Option<RawSize>,
+}
+
+/// `[limits]`: the bounds on what hosts can make the target hold (see
+/// `strata_target::queue::QueueLimits` and `TransportConfig`). Read at
+/// start; a reload does not change them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LimitsSpec {
+    pub max_connections: usize,
+    pub max_connections_per_listener: usize,
+    pub max_pending_output: usize,
+    pub max_r2t_bytes: usize,
+    pub data_phase_timeout_ms: u64,
+    pub tx_stall_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    pub pool_retain: usize,
+}
+
+impl Default for LimitsSpec {
+    fn default() -> Self {
+        let t = strata_target::transport::TransportConfig::default();
+        let q = t.limits;
+        Self {
+            max_connections: t.max_connections,
+            max_connections_per_listener: t.max_connections_per_listener,
+            max_pending_output: q.max_pending_output,
+            max_r2t_bytes: q.max_r2t_bytes,
+            data_phase_timeout_ms: q.data_phase_timeout_ms,
+            tx_stall_timeout_ms: q.tx_stall_timeout_ms,
+            connect_timeout_ms: q.connect_timeout_ms,
+            pool_retain: q.pool_retain_bytes,
+        }
+    }
+}
+
+impl LimitsSpec {
+    /// Applies these limits to a transport configuration.
+    pub fn apply(&self, tc: &mut strata_target::transport::TransportConfig) {
+        tc.max_connections = self.max_connections;
+        tc.max_connections_per_listener = self.max_connections_per_listener;
+        tc.limits.max_pending_output = self.max_pending_output;
+        tc.limits.max_r2t_bytes = self.max_r2t_bytes;
+        tc.limits.data_phase_timeout_ms = self.data_phase_timeout_ms;
+        tc.limits.tx_stall_timeout_ms = self.tx_stall_timeout_ms;
+        tc.limits.connect_timeout_ms = self.connect_timeout_ms;
+        tc.limits.pool_retain_bytes = self.pool_retain;
+    }
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -167,6 +236,7 @@ pub struct ServeConfig {
     pub discovery: Option<SocketAddr>,
     pub listeners: Vec<ListenerSpec>,
     pub subsystems: Vec<SubsystemSpec>,
+    pub limits: LimitsSpec,
 }
 
 /// The embedded default: one subsystem with a 1 GiB RAM namespace (NSID 1)
@@ -326,6 +396,8 @@ impl ServeConfig {
                 "omit it (one per core) or set 1 or more",
             ));
         }
+
+        let limits = parse_limits(&raw.limits, &err)?;
 
         let mut listeners = Vec::new();
         let mut names = HashSet::new();
@@ -669,8 +741,105 @@ impl ServeConfig {
             discovery,
             listeners,
             subsystems,
+            limits,
         })
     }
+}
+
+fn parse_limits(
+    r: &RawLimits,
+    err: &dyn Fn(&str, String, &str) -> ConfigError,
+) -> Result<LimitsSpec, ConfigError> {
+    let mut l = LimitsSpec::default();
+    let size =
+        |field: &str, v: &Option<RawSize>, min: u64, dst: &mut usize| -> Result<(), ConfigError> {
+            let Some(v) = v else { return Ok(()) };
+            let n = match v {
+                RawSize::Bytes(n) => Some(*n),
+                RawSize::Text(t) => parse_size(t),
+            };
+            match n {
+                Some(n) if n >= min => {
+                    *dst = n as usize;
+                    Ok(())
+                }
+                Some(n) => Err(err(
+                    &format!("limits.{field}"),
+                    format!("{n} bytes is below the minimum of {min}"),
+                    "raise it, or omit it for the default",
+                )),
+                None => Err(err(
+                    &format!("limits.{field}"),
+                    format!("{v:?} is not a size"),
+                    "write it like \"8MiB\" or a number of bytes",
+                )),
+            }
+        };
+    // One MDTS worth: a single largest transfer must always fit.
+    let mdts = u64::from(strata_target::ctrlr::MDTS_BYTES);
+    size(
+        "max_pending_output",
+        &r.max_pending_output,
+        mdts,
+        &mut l.max_pending_output,
+    )?;
+    size(
+        "max_r2t_bytes",
+        &r.max_r2t_bytes,
+        mdts,
+        &mut l.max_r2t_bytes,
+    )?;
+    size("pool_retain", &r.pool_retain, 0, &mut l.pool_retain)?;
+    let count = |field: &str, v: Option<usize>, dst: &mut usize| -> Result<(), ConfigError> {
+        match v {
+            Some(0) => Err(err(
+                &format!("limits.{field}"),
+                "0 would refuse every connection".into(),
+                "set 1 or more, or omit it for the default",
+            )),
+            Some(n) => {
+                *dst = n;
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    };
+    count("max_connections", r.max_connections, &mut l.max_connections)?;
+    count(
+        "max_connections_per_listener",
+        r.max_connections_per_listener,
+        &mut l.max_connections_per_listener,
+    )?;
+    let ms = |field: &str, v: Option<u64>, dst: &mut u64| -> Result<(), ConfigError> {
+        match v {
+            Some(n) if !(100..=3_600_000).contains(&n) => Err(err(
+                &format!("limits.{field}"),
+                format!("{n} ms is outside 100 … 3600000"),
+                "give a time in milliseconds between 100 and 3600000",
+            )),
+            Some(n) => {
+                *dst = n;
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    };
+    ms(
+        "data_phase_timeout_ms",
+        r.data_phase_timeout_ms,
+        &mut l.data_phase_timeout_ms,
+    )?;
+    ms(
+        "tx_stall_timeout_ms",
+        r.tx_stall_timeout_ms,
+        &mut l.tx_stall_timeout_ms,
+    )?;
+    ms(
+        "connect_timeout_ms",
+        r.connect_timeout_ms,
+        &mut l.connect_timeout_ms,
+    )?;
+    Ok(l)
 }
 
 fn serial_for(nqn: &str) -> String {
@@ -706,6 +875,30 @@ mod tests {
             buckets.iter().all(|b| b.starts_with("file:///")),
             "{buckets:?}"
         );
+    }
+
+    #[test]
+    fn limits_parse_and_bad_ones_name_the_field() {
+        let c = ServeConfig::parse(
+            "[limits]\nmax_pending_output = \"4MiB\"\nmax_r2t_bytes = 2097152\nconnect_timeout_ms = 2000\n",
+            "l.toml",
+        )
+        .unwrap();
+        assert_eq!(c.limits.max_pending_output, 4 << 20);
+        assert_eq!(c.limits.max_r2t_bytes, 2 << 20);
+        assert_eq!(c.limits.connect_timeout_ms, 2000);
+        assert_eq!(
+            c.limits.tx_stall_timeout_ms,
+            LimitsSpec::default().tx_stall_timeout_ms
+        );
+        let e = ServeConfig::parse("[limits]\nmax_r2t_bytes = \"4KiB\"\n", "l.toml").unwrap_err();
+        assert_eq!(e.field, "limits.max_r2t_bytes");
+        let e = ServeConfig::parse("[limits]\nmax_connections = 0\n", "l.toml").unwrap_err();
+        assert_eq!(e.field, "limits.max_connections");
+        let e = ServeConfig::parse("[limits]\ntx_stall_timeout_ms = 5\n", "l.toml").unwrap_err();
+        assert_eq!(e.field, "limits.tx_stall_timeout_ms");
+        let e = ServeConfig::parse("[limits]\nbogus = 1\n", "l.toml").unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
     }
 
     #[test]

@@ -55,6 +55,7 @@ pub fn load(args: &ServeArgs) -> Result<ServeConfig> {
 pub fn run(args: ServeArgs) -> Result<()> {
     let cfg = load(&args)?;
     let mut tc = TransportConfig::default();
+    cfg.limits.apply(&mut tc);
     if let Some(r) = cfg.reactors {
         tc.reactors = r;
     }
