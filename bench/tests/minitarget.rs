@@ -401,7 +401,10 @@ fn malformed_pdu_from_target_is_a_named_error() {
             let mut req = [0u8; 128];
             s.read_exact(&mut req).unwrap();
             s.write_all(&reply).unwrap();
-            std::thread::sleep(Duration::from_millis(200));
+            // Keep the connection open until the initiator gives up on it
+            // (EOF), so it sees the reply, never a close.
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let _ = s.read(&mut req);
         });
         let mut o = ConnectOpts::new(addr, "nqn.x");
         o.timeout = Duration::from_secs(2);

@@ -3,8 +3,8 @@
 //! produced and positive, and what coalescing can guarantee (no more PUTs
 //! than writes); no timed thresholds.
 //!
-//! The binary is found as `$STRATA_BIN`, else `build/{debug,release}/strata`
-//! under the workspace root, else built with `cargo build --bin strata`.
+//! The binary is the one `common::strata_bin` has cargo build from the
+//! current sources, with this test's profile.
 
 mod common;
 

@@ -151,51 +151,125 @@ pub fn check_against_schema(doc: &Value) -> Result<(), String> {
     validate(&s, &s, doc, "$")
 }
 
-/// The `strata` binary whose `probe` subcommand exists: `$STRATA_BIN`, else
-/// `build/{debug,release}/strata` under the workspace, else built with
-/// `cargo build --bin strata`. Panics with the reason when none fits.
+/// The `strata` binary built from the current sources by the same cargo,
+/// profile and target directory as this test: `cargo build --bin strata`
+/// (a no-op when it is up to date), and the executable path cargo reports
+/// for it. Never a binary found lying around (no `$STRATA_BIN`, no fixed
+/// `build/debug/strata` lookup): a stale one cannot be picked up. The bench
+/// crate cannot use `env!("CARGO_BIN_EXE_strata")` (the binary is in the
+/// root package, which has no serde_json these tests need). Panics with
+/// cargo's output when the build fails or `probe` is not a subcommand.
 pub fn strata_bin(probe: &[&str]) -> std::path::PathBuf {
     use std::path::{Path, PathBuf};
     use std::process::{Command, Stdio};
-    let fits = |bin: &Path| {
-        Command::new(bin)
-            .args(probe)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if let Some(p) = std::env::var_os("STRATA_BIN") {
-        let p = PathBuf::from(p);
+    use std::sync::OnceLock;
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    let bin = BIN.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("bench/ has a parent")
+            .to_path_buf();
+        // This test runs as <target-dir>/<profile-dir>/deps/<test>-<hash>.
+        let exe = std::env::current_exe().expect("current_exe");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test binary is in <target-dir>/<profile>/deps")
+            .to_path_buf();
+        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") => "dev".to_string(),
+            Some(p) => p.to_string(),
+            None => panic!("no profile directory above {}", exe.display()),
+        };
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let out = Command::new(&cargo)
+            .args(["build", "--bin", "strata", "--message-format=json"])
+            .arg("--profile")
+            .arg(&profile)
+            .current_dir(&root)
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {cargo}: {e}"));
         assert!(
-            fits(&p),
-            "STRATA_BIN={} has no `{}`",
-            p.display(),
-            probe.join(" ")
+            out.status.success(),
+            "`cargo build --bin strata --profile {profile}` failed ({})",
+            out.status
         );
-        return p;
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("bench/ has a parent")
-        .to_path_buf();
-    for prof in ["debug", "release"] {
-        let p = root.join("build").join(prof).join("strata");
-        if p.exists() && fits(&p) {
-            return p;
-        }
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let ok = Command::new(cargo)
-        .args(["build", "--bin", "strata"])
-        .current_dir(&root)
+        let bin = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "strata")
+            .filter_map(|m| m["executable"].as_str().map(PathBuf::from))
+            .next_back()
+            .expect("cargo reported no executable for the strata binary");
+        // Same target directory and profile as this test: the binary cargo
+        // just built for it, not one from another build tree.
+        assert_eq!(
+            bin.parent(),
+            Some(profile_dir.as_path()),
+            "cargo built {} outside this test's {}",
+            bin.display(),
+            profile_dir.display()
+        );
+        bin
+    });
+    let ok = Command::new(bin)
+        .args(probe)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    let p = root.join("build/debug/strata");
     assert!(
-        ok && fits(&p),
-        "no `strata` binary with `{}`; set STRATA_BIN",
+        ok,
+        "{} (just built) has no `{}`",
+        bin.display(),
         probe.join(" ")
     );
-    p
+    bin.clone()
+}
+
+/// Makes `cmd` safe to spawn from a test: own process group (killed as a
+/// group by [`kill_and_reap`]) and, on Linux, SIGKILL from the kernel when
+/// the spawning thread's process dies (PR_SET_PDEATHSIG). Spawn from a
+/// thread that outlives the child.
+pub fn guard_command(cmd: &mut std::process::Command) -> &mut std::process::Command {
+    use std::os::unix::process::CommandExt;
+    cmd.process_group(0);
+    #[cfg(target_os = "linux")]
+    {
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: only async-signal-safe calls (prctl, getppid, _exit)
+        // between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != parent {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+    }
+    cmd
+}
+
+/// SIGKILLs the process group `child` leads and reaps it. The tests never
+/// reap the child themselves, so its pid (the group id) is still ours.
+pub fn kill_and_reap(child: &mut std::process::Child) {
+    // SAFETY: kill(2) on the group our own, unreaped child leads.
+    unsafe {
+        libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -302,3 +302,31 @@ pub async fn many_in_flight(bdev: Arc<dyn Bdev>, n: u32) {
     }
     assert_eq!(ch.in_flight(), 0);
 }
+
+/// A temporary directory on /dev/shm (tmpfs). A missing /dev/shm fails the
+/// test: CI machines have it, and a test that passed as "skipped" would
+/// hide that the tmpfs paths (EOPNOTSUPP zero-range fallback, buffered
+/// fallback) never ran.
+#[allow(dead_code)] // For the file bdev's tmpfs tests (uring.rs).
+pub fn shm_tempdir() -> tempfile::TempDir {
+    tempfile::tempdir_in("/dev/shm").unwrap_or_else(|e| {
+        panic!("/dev/shm is required for this test (tmpfs paths of the file bdev): {e}")
+    })
+}
+
+/// Checks that a file bdev on a filesystem named `fs` (as `stat -f` names
+/// it: ext4, xfs, btrfs, tmpfs, ...) used O_DIRECT where the filesystem
+/// supports it. Elsewhere O_DIRECT cannot be asserted: say so loudly, so
+/// the run's log shows what it did not test.
+#[allow(dead_code)] // For the file bdev's tests (uring.rs).
+pub fn check_direct(dir: &std::path::Path, fs: &str, direct: bool) {
+    eprintln!("{}: fs {fs}, O_DIRECT {direct}", dir.display());
+    if matches!(fs, "ext4" | "xfs" | "btrfs") {
+        assert!(direct, "O_DIRECT expected on {fs} ({})", dir.display());
+    } else if !direct {
+        eprintln!(
+            "NOT TESTED: O_DIRECT on {} ({fs} refused it; buffered fallback ran instead)",
+            dir.display()
+        );
+    }
+}
