@@ -35,6 +35,9 @@ pub enum BenchCmd {
     /// Object-backed namespace throughput through NVMe/TCP against the raw
     /// object_store client, injected latency, and write coalescing.
     Objbacker(crate::objbench::ObjBenchArgs),
+    /// Long verified mixed load with misbehaving hosts among the healthy
+    /// ones, sampling the target's resident memory.
+    Soak(crate::soak::SoakArgs),
 }
 
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -185,6 +188,7 @@ pub fn cli_main(args: BenchArgs) -> Result<()> {
         BenchCmd::Compare(a) => crate::compare::cmd_compare(a),
         BenchCmd::Inproc(a) => crate::inproc::cmd_inproc(a),
         BenchCmd::Objbacker(a) => crate::objbench::cmd_objbench(a),
+        BenchCmd::Soak(a) => crate::soak::cmd_soak(a),
     }
 }
 

@@ -12,7 +12,9 @@
 //!   initiator's overhead is measured against.
 //! * [`objbench`]: `strata bench objbacker`, object-backed namespace
 //!   throughput against the raw object_store client.
-//! * [`cli`]: `strata bench run|tiers|compare|objbacker` ([`BenchArgs`], [`cli_main`]).
+//! * [`soak`]: `strata bench soak`, verified load with misbehaving hosts
+//!   and the target's memory sampled.
+//! * [`cli`]: `strata bench run|tiers|compare|objbacker|soak` ([`BenchArgs`], [`cli_main`]).
 
 pub mod cli;
 pub mod compare;
@@ -25,6 +27,7 @@ pub mod minitarget;
 pub mod objbench;
 pub mod plot;
 pub mod report;
+pub mod soak;
 pub mod stats;
 pub mod tiers;
 pub mod verify;
