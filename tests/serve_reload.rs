@@ -191,7 +191,7 @@ fn write_load(port: u16, cntlid: u16, ctl: Arc<Ctl>, st: Arc<Mutex<Load>>) {
         i += 1;
         st.lock().unwrap().acked = i;
         ctl.progress.store(i, Ordering::Relaxed);
-        if i % 16 == 0 && !ctl.no_flush.load(Ordering::Relaxed) {
+        if i.is_multiple_of(16) && !ctl.no_flush.load(Ordering::Relaxed) {
             let c = flush_ns(&mut io, 2);
             if gone(c.status) {
                 return;
