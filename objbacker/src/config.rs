@@ -48,6 +48,16 @@ pub struct ObjBackerConfig {
     pub retry_budget: Duration,
     pub retry_initial_backoff: Duration,
     pub retry_max_backoff: Duration,
+    /// Whole-object DELETEs (and partial-object zeroings) one Deallocate /
+    /// Write Zeroes command runs at once. The store-wide `max_in_flight`
+    /// still bounds all requests together.
+    pub trim_parallelism: usize,
+    /// How long a PUT/DELETE that the store never answered may keep its
+    /// object busy before the object is declared poisoned: its content in
+    /// the store is unknown (the request may still land), so writes,
+    /// zeroing and FLUSH of it fail loudly until the request resolves or
+    /// the device is re-attached. At least `retry_budget`.
+    pub orphan_deadline: Duration,
     /// Largest single I/O accepted (reported as the bdev's max_io_bytes).
     pub max_io_bytes: u32,
     /// Wrap every bucket's client in a [`crate::FaultyStore`]: per-request
@@ -73,6 +83,8 @@ impl Default for ObjBackerConfig {
             retry_initial_backoff: Duration::from_millis(50),
             retry_max_backoff: Duration::from_secs(2),
             max_io_bytes: 8 << 20,
+            trim_parallelism: 32,
+            orphan_deadline: Duration::from_secs(300),
             fault: None,
         }
     }
@@ -196,6 +208,24 @@ impl ObjBackerConfig {
                 "must be non-zero and not larger than retry_max_backoff",
             ));
         }
+        if self.trim_parallelism == 0 || self.trim_parallelism > 4096 {
+            return Err(err(
+                "trim_parallelism",
+                format!(
+                    "{} is out of range; use 1..=4096 (default 32)",
+                    self.trim_parallelism
+                ),
+            ));
+        }
+        if self.orphan_deadline < self.retry_budget {
+            return Err(err(
+                "orphan_deadline",
+                format!(
+                    "{:?} is shorter than retry_budget {:?}; use at least retry_budget (default 300s)",
+                    self.orphan_deadline, self.retry_budget
+                ),
+            ));
+        }
         if self.max_io_bytes < self.block_size {
             return Err(err(
                 "max_io_bytes",
@@ -308,6 +338,20 @@ mod tests {
                     ..ok()
                 },
                 "retry_budget",
+            ),
+            (
+                ObjBackerConfig {
+                    trim_parallelism: 0,
+                    ..ok()
+                },
+                "trim_parallelism",
+            ),
+            (
+                ObjBackerConfig {
+                    orphan_deadline: Duration::from_secs(1),
+                    ..ok()
+                },
+                "orphan_deadline",
             ),
         ];
         for (c, field) in cases {

@@ -10,6 +10,13 @@
 //!   cache or store. What a read takes from the dirty layer is copied at the
 //!   read's start, so a write-back finishing mid-read cannot hide it.
 //! - The state lock is a std Mutex never held across an await.
+//! - A PUT/DELETE attempt is never abandoned (`Retrier::mutate`): the
+//!   object stays busy until the store answered it, also past the retry
+//!   budget (`unanswered`), so ordering holds at the store, not only here.
+//!   Past `orphan_deadline` the object is `poisoned`: writes to it fail.
+//! - `maybe_stored` is a superset of the objects present in the store
+//!   (bit set before any PUT starts, cleared when a DELETE succeeds, seeded
+//!   by one LIST at attach): a TRIM of an object outside it needs no DELETE.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
@@ -17,11 +24,12 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::StreamExt;
 use futures::future::join_all;
 use tokio::sync::Notify;
 
 use crate::config::ObjBackerConfig;
-use crate::store::{Bucket, Retrier};
+use crate::store::{Bucket, MutFail, Retrier};
 
 /// Sorted, merged, half-open byte ranges within one object.
 #[derive(Default, Clone, Debug)]
@@ -114,6 +122,54 @@ struct Obj {
     durable_ver: u64,
     /// fail_seq of this object's last failed write-back.
     last_fail_seq: u64,
+    /// The busy mutation outlived its retry budget unanswered: it may
+    /// still land, so the object stays busy and durability is unknown.
+    unanswered: bool,
+    /// Unanswered past `orphan_deadline`: writes to the object fail.
+    poisoned: bool,
+}
+
+/// One bit per object.
+struct Bits(Vec<u64>);
+
+impl Bits {
+    fn new(n: u64, fill: bool) -> Self {
+        Bits(vec![
+            if fill { u64::MAX } else { 0 };
+            n.div_ceil(64) as usize
+        ])
+    }
+    fn get(&self, i: u64) -> bool {
+        self.0
+            .get((i / 64) as usize)
+            .is_none_or(|w| w & (1 << (i % 64)) != 0)
+    }
+    fn set(&mut self, i: u64, v: bool) {
+        if let Some(w) = self.0.get_mut((i / 64) as usize) {
+            if v {
+                *w |= 1 << (i % 64);
+            } else {
+                *w &= !(1 << (i % 64));
+            }
+        }
+    }
+}
+
+/// Devices with more objects than this do not track `maybe_stored` (it
+/// would cost more than 32 MiB); every TRIM of them DELETEs.
+const MAX_TRACKED_OBJECTS: u64 = 1 << 28;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum MutKind {
+    /// A whole-object host write PUT straight from the host buffer.
+    Direct,
+    /// Write-back of the dirty layer (PUT or DELETE).
+    Writeback,
+}
+
+enum MutOp {
+    Put(Bytes),
+    Delete,
 }
 
 enum Cached {
@@ -134,6 +190,13 @@ struct State {
     prefetching: HashMap<u64, bool>,
     last_read_end: u64,
     seq_run: u32,
+    /// Superset of the objects in the store; None: not tracked (all may be).
+    maybe_stored: Option<Bits>,
+    /// While the attach-time LIST runs: objects PUT since it began.
+    put_since_scan: Option<Bits>,
+    scan_done: bool,
+    /// Most entries `objs` ever held (tests bound per-object memory).
+    peak_objs: usize,
 }
 
 impl State {
@@ -142,6 +205,8 @@ impl State {
     fn touch(&mut self, i: u64) -> (u64, &mut Obj) {
         let base = self.next_ver;
         self.next_ver += 1;
+        let after = self.objs.len() + usize::from(!self.objs.contains_key(&i));
+        self.peak_objs = self.peak_objs.max(after);
         let ver = self.next_ver;
         let o = self.objs.entry(i).or_insert_with(|| Obj {
             dirty: None,
@@ -152,9 +217,26 @@ impl State {
             ver: base,
             durable_ver: base,
             last_fail_seq: 0,
+            unanswered: false,
+            poisoned: false,
         });
         o.ver = ver;
         (ver, o)
+    }
+    fn may_be_stored(&self, i: u64) -> bool {
+        self.maybe_stored.as_ref().is_none_or(|b| b.get(i))
+    }
+    /// A PUT of `i` is about to be sent.
+    fn note_put(&mut self, i: u64) {
+        if let Some(b) = &mut self.maybe_stored {
+            b.set(i, true);
+        }
+        if let Some(b) = &mut self.put_since_scan {
+            b.set(i, true);
+        }
+    }
+    fn poisoned(&self, i: u64) -> bool {
+        self.objs.get(&i).is_some_and(|o| o.poisoned)
     }
     fn cleanup(&mut self, i: u64) {
         if self
@@ -210,6 +292,45 @@ impl Geometry {
     }
 }
 
+fn crashed() -> object_store::Error {
+    object_store::Error::Generic {
+        store: "objbacker",
+        source: "simulated crash".into(),
+    }
+}
+
+/// Lazy [`Geometry::segments`] (without the request offset), for ranges
+/// as large as the device.
+struct SegIter<'a> {
+    geo: &'a Geometry,
+    pos: u64,
+    end: u64,
+}
+
+impl<'a> SegIter<'a> {
+    fn new(geo: &'a Geometry, off: u64, len: u64) -> Self {
+        Self {
+            geo,
+            pos: off,
+            end: off + len,
+        }
+    }
+}
+
+impl Iterator for SegIter<'_> {
+    type Item = (u64, u64, u64);
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.pos >= self.end {
+            return None;
+        }
+        let i = self.pos / self.geo.obj_size;
+        let o = self.pos % self.geo.obj_size;
+        let n = (self.geo.obj_len(i) - o).min(self.end - self.pos);
+        self.pos += n;
+        Some((i, o, n))
+    }
+}
+
 /// Why an operation failed; mapped to an NVMe status by the bdev layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum EngErr {
@@ -231,16 +352,28 @@ pub(crate) struct Inner {
     writeback_delay: Duration,
     readahead: usize,
     retry_budget: Duration,
+    trim_parallelism: usize,
+    orphan_deadline: Duration,
     /// Test hook: once set, no store mutation starts (simulated kill -9).
     crashed: std::sync::atomic::AtomicBool,
+    /// Test hooks: flusher passes and objects it picked.
+    flusher_passes: std::sync::atomic::AtomicU64,
+    flusher_picks: std::sync::atomic::AtomicU64,
+    /// Ourselves, for tasks that must outlive the request that started
+    /// them (waiting for an unanswered mutation).
+    me: Weak<Inner>,
 }
 
 type R<T> = Result<T, EngErr>;
 
 impl Inner {
-    pub fn new(cfg: &ObjBackerConfig, buckets: Vec<Bucket>, retry: Retrier) -> Self {
-        Self {
-            geo: Geometry::new(cfg.size_bytes, cfg.object_size),
+    pub fn new(cfg: &ObjBackerConfig, buckets: Vec<Bucket>, retry: Retrier) -> Arc<Self> {
+        let geo = Geometry::new(cfg.size_bytes, cfg.object_size);
+        let tracked = geo.num_objects <= MAX_TRACKED_OBJECTS;
+        let maybe_stored = tracked.then(|| Bits::new(geo.num_objects, true));
+        let put_since_scan = tracked.then(|| Bits::new(geo.num_objects, false));
+        Arc::new_cyclic(|me| Self {
+            geo,
             buckets,
             retry,
             state: Mutex::new(State {
@@ -254,6 +387,10 @@ impl Inner {
                 prefetching: HashMap::new(),
                 last_read_end: u64::MAX,
                 seq_run: 0,
+                maybe_stored,
+                put_since_scan,
+                scan_done: !tracked,
+                peak_objs: 0,
             }),
             changed: Notify::new(),
             kick: Notify::new(),
@@ -261,8 +398,13 @@ impl Inner {
             writeback_delay: cfg.writeback_delay,
             readahead: cfg.readahead_objects,
             retry_budget: cfg.retry_budget,
+            trim_parallelism: cfg.trim_parallelism,
+            orphan_deadline: cfg.orphan_deadline,
             crashed: Default::default(),
-        }
+            flusher_passes: Default::default(),
+            flusher_picks: Default::default(),
+            me: me.clone(),
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -283,26 +425,217 @@ impl Inner {
         self.lock().dirty_bytes
     }
 
-    async fn store_put(&self, i: u64, data: Bytes) -> R<()> {
-        if self.crashed.load(Relaxed) {
-            return Err(EngErr::Store);
-        }
-        let b = self.bucket(i);
-        self.retry
-            .put(b, &b.data_key(i), data)
-            .await
-            .map_err(|_| EngErr::Store)
+    /// Test hooks: the attach-time LIST has finished; most object entries
+    /// ever tracked at once.
+    pub fn scan_done(&self) -> bool {
+        self.lock().scan_done
+    }
+    pub fn peak_objs(&self) -> usize {
+        self.lock().peak_objs
+    }
+    pub fn prefetches_in_flight(&self) -> usize {
+        self.lock().prefetching.len()
+    }
+    pub fn kick_flusher(&self) {
+        self.kick.notify_one();
+    }
+    pub fn flusher_counters(&self) -> (u64, u64) {
+        (
+            self.flusher_passes.load(Relaxed),
+            self.flusher_picks.load(Relaxed),
+        )
     }
 
-    async fn store_delete(&self, i: u64) -> R<()> {
+    /// Seeds `maybe_stored` from one LIST of every bucket, so a TRIM of
+    /// never-written objects costs no DELETE. Until it finishes every
+    /// object counts as maybe stored; on any error it stays that way.
+    pub async fn scan_stored(weak: Weak<Self>) {
+        let Some(me) = weak.upgrade() else { return };
+        let n = me.geo.num_objects;
+        let nb = me.buckets.len() as u64;
+        let mut listed = Bits::new(n, false);
+        for (k, b) in me.buckets.iter().enumerate() {
+            let prefix = (!b.prefix.as_ref().is_empty()).then_some(&b.prefix);
+            let mut keys = b.store.list(prefix);
+            while let Some(m) = keys.next().await {
+                let m = match m {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!(
+                            "objbacker: listing {} failed ({e}); every TRIM will DELETE",
+                            b.url
+                        );
+                        let mut st = me.lock();
+                        st.put_since_scan = None;
+                        st.scan_done = true;
+                        return;
+                    }
+                };
+                let idx = crate::superblock::leaf(b, &m.location)
+                    .and_then(|l| crate::superblock::data_index(&l));
+                // Misplaced keys are fsck's business; a DELETE of the right
+                // key never touches them.
+                if let Some(i) = idx.filter(|&i| i < n && i % nb == k as u64) {
+                    listed.set(i, true);
+                }
+            }
+        }
+        let mut st = me.lock();
+        if let (Some(since), Some(maybe)) = (st.put_since_scan.take(), st.maybe_stored.as_mut()) {
+            for ((m, l), p) in maybe.0.iter_mut().zip(&listed.0).zip(&since.0) {
+                // Listed, or PUT since the LIST began. A DELETE that finished
+                // after the LIST saw the object leaves a stale 1: harmless.
+                *m = *l | *p;
+            }
+        }
+        st.scan_done = true;
+    }
+
+    async fn store_put(&self, i: u64, data: Bytes) -> Result<(), MutFail> {
         if self.crashed.load(Relaxed) {
-            return Err(EngErr::Store);
+            return Err(MutFail::Answered(crashed()));
         }
         let b = self.bucket(i);
-        self.retry
-            .delete(b, &b.data_key(i))
-            .await
-            .map_err(|_| EngErr::Store)
+        self.retry.put_tracked(b, &b.data_key(i), data).await
+    }
+
+    async fn store_delete(&self, i: u64) -> Result<(), MutFail> {
+        if self.crashed.load(Relaxed) {
+            return Err(MutFail::Answered(crashed()));
+        }
+        let b = self.bucket(i);
+        self.retry.delete_tracked(b, &b.data_key(i)).await
+    }
+
+    /// Runs the PUT/DELETE of busy object `i` at generation `ver` and
+    /// finishes it. If the store never answered within the retry budget the
+    /// caller gets an error now, while the object stays busy (and
+    /// `unanswered`) until the request resolves: no newer PUT or DELETE of
+    /// it is sent before then, so the old one cannot overtake it.
+    async fn mutate(&self, i: u64, ver: u64, kind: MutKind, op: MutOp) -> R<()> {
+        let delete = matches!(op, MutOp::Delete);
+        let res = match op {
+            MutOp::Put(b) => self.store_put(i, b).await,
+            MutOp::Delete => self.store_delete(i).await,
+        };
+        match res {
+            Ok(()) => {
+                self.finish_mutation(i, ver, kind, delete, true);
+                Ok(())
+            }
+            Err(MutFail::Answered(_)) => {
+                self.finish_mutation(i, ver, kind, delete, false);
+                Err(EngErr::Store)
+            }
+            Err(MutFail::Unanswered(attempt)) => {
+                {
+                    let mut st = self.lock();
+                    st.fail_seq += 1;
+                    let seq = st.fail_seq;
+                    if let Some(o) = st.objs.get_mut(&i) {
+                        o.unanswered = true;
+                        o.last_fail_seq = seq;
+                    }
+                }
+                self.changed.notify_waiters();
+                if let Some(me) = self.me.upgrade() {
+                    tokio::spawn(me.await_unanswered(i, ver, kind, delete, attempt));
+                }
+                Err(EngErr::Store)
+            }
+        }
+    }
+
+    /// Keeps object `i` busy until its unanswered mutation resolves;
+    /// poisons it past `orphan_deadline`.
+    async fn await_unanswered(
+        self: Arc<Self>,
+        i: u64,
+        ver: u64,
+        kind: MutKind,
+        delete: bool,
+        mut attempt: tokio::task::JoinHandle<Result<(), object_store::Error>>,
+    ) {
+        let key = self.bucket(i).data_key(i);
+        let wait = self.orphan_deadline.saturating_sub(self.retry_budget);
+        let res = match tokio::time::timeout(wait, &mut attempt).await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::error!(
+                    "objbacker: {} of {key} unanswered for {:?}: object poisoned, \
+                     writes to it fail until the store answers or the device is re-attached",
+                    if delete { "DELETE" } else { "PUT" },
+                    self.orphan_deadline
+                );
+                if let Some(o) = self.lock().objs.get_mut(&i) {
+                    o.poisoned = true;
+                }
+                self.changed.notify_waiters();
+                attempt.await
+            }
+        };
+        let mut ok = matches!(res, Ok(Ok(())));
+        if ok && let Some(root) = &self.bucket(i).local_root {
+            ok = crate::store::sync_local(root, &key, !delete).await.is_ok();
+        }
+        tracing::info!(
+            "objbacker: unanswered {} of {key} resolved: {}",
+            if delete { "DELETE" } else { "PUT" },
+            if ok { "it landed" } else { "it failed" }
+        );
+        if ok && !delete {
+            // Counted like any PUT that succeeded.
+            self.retry.stats.puts.fetch_add(1, Relaxed);
+        }
+        self.finish_mutation(i, ver, kind, delete, ok);
+    }
+
+    /// Bookkeeping when a PUT/DELETE of busy object `i` has resolved.
+    fn finish_mutation(&self, i: u64, ver: u64, kind: MutKind, delete: bool, ok: bool) {
+        let len = self.geo.obj_len(i);
+        let mut st = self.lock();
+        st.busy_count = st.busy_count.saturating_sub(1);
+        // A failed direct PUT is reported by its own write; the object was
+        // clean before, so nothing acknowledged is lost and FLUSH owes
+        // nothing for it.
+        let fail_seq = st.fail_seq + 1;
+        if !ok && kind == MutKind::Writeback {
+            st.fail_seq = fail_seq;
+        }
+        if ok && delete {
+            // Busy until now, so no PUT of it started meanwhile.
+            if let Some(b) = &mut st.maybe_stored {
+                b.set(i, false);
+            }
+        }
+        let mut freed = false;
+        if let Some(o) = st.objs.get_mut(&i) {
+            o.busy = false;
+            o.inflight = None;
+            o.unanswered = false;
+            o.poisoned = false;
+            if ok {
+                o.durable_ver = o.durable_ver.max(ver);
+                if o.ver == ver {
+                    freed = matches!(o.dirty.take(), Some(Layer::Buf { .. }));
+                } else if kind == MutKind::Writeback {
+                    // Written again during the PUT: those writes age
+                    // from now, like any other dirty data.
+                    o.dirty_since = Instant::now();
+                }
+            } else if kind == MutKind::Writeback {
+                o.last_fail_seq = fail_seq;
+            }
+        }
+        if freed {
+            st.dirty_bytes = st.dirty_bytes.saturating_sub(len);
+        }
+        st.cleanup(i);
+        if st.objs.contains_key(&i) {
+            self.kick.notify_one();
+        }
+        drop(st);
+        self.changed.notify_waiters();
     }
 
     /// Whole object as stored; None if never written.
@@ -367,18 +700,27 @@ impl Inner {
             tokio::pin!(notified);
             let buffered = {
                 let mut st = self.lock();
-                let state = st.objs.get(&i).map(|o| (o.dirty.is_some(), o.busy));
+                if st.poisoned(i) {
+                    return Err(self.poisoned_err(i));
+                }
+                let state = st
+                    .objs
+                    .get(&i)
+                    .map(|o| (o.dirty.is_some() || o.unanswered, o.busy));
                 match state {
                     None | Some((false, false)) => {
                         let (ver, o) = st.touch(i);
                         o.busy = true;
                         o.inflight = Some(Inflight::Put(data.clone()));
                         st.busy_count += 1;
+                        st.note_put(i);
                         st.invalidate(i);
                         break ver;
                     }
                     // An older dirty layer exists: overlay it so the write
                     // supersedes it in one place, and let write-back PUT it.
+                    // Same while an unanswered request holds the object: the
+                    // buffer keeps the write until that request resolves.
                     Some((true, _)) => true,
                     // Only a PUT/DELETE in flight: wait for it, so this
                     // newer PUT cannot be overtaken by it.
@@ -393,25 +735,17 @@ impl Inner {
             }
             notified.await;
         };
-        let res = self.store_put(i, data).await;
-        let mut st = self.lock();
-        st.busy_count = st.busy_count.saturating_sub(1);
-        if let Some(o) = st.objs.get_mut(&i) {
-            o.busy = false;
-            o.inflight = None;
-            if res.is_ok() {
-                o.durable_ver = o.durable_ver.max(ver);
-            }
-            // On failure nothing acknowledged is lost: the object was clean
-            // before, and this write itself completes with an error.
-        }
-        st.cleanup(i);
-        if st.objs.contains_key(&i) {
-            self.kick.notify_one();
-        }
-        drop(st);
-        self.changed.notify_waiters();
-        res.map(|()| None)
+        self.mutate(i, ver, MutKind::Direct, MutOp::Put(data))
+            .await
+            .map(|()| None)
+    }
+
+    fn poisoned_err(&self, i: u64) -> EngErr {
+        tracing::error!(
+            "objbacker: object {} is poisoned (a request to the store was never answered); refusing to change it",
+            self.bucket(i).data_key(i)
+        );
+        EngErr::Store
     }
 
     /// Copies into the write-back buffer, waiting (bounded) for space.
@@ -423,6 +757,9 @@ impl Inner {
             tokio::pin!(notified);
             {
                 let mut st = self.lock();
+                if st.poisoned(i) {
+                    return Err(self.poisoned_err(i));
+                }
                 let has_buf = matches!(
                     st.objs.get(&i).and_then(|o| o.dirty.as_ref()),
                     Some(Layer::Buf { .. })
@@ -566,63 +903,46 @@ impl Inner {
                 }
             };
         }
-        {
+        let skip = {
             let mut st = self.lock();
+            let skip = matches!(op, Op::Delete) && !st.may_be_stored(i);
             if let Some(o) = st.objs.get_mut(&i) {
                 o.inflight = Some(match &op {
                     Op::Put(b) => Inflight::Put(b.clone()),
                     _ => Inflight::Delete,
                 });
             }
-            st.invalidate(i);
-        }
-        let res = match op {
-            Op::Put(b) => self.store_put(i, b).await,
-            _ => self.store_delete(i).await,
-        };
-        let mut st = self.lock();
-        st.busy_count = st.busy_count.saturating_sub(1);
-        let mut freed = false;
-        let fail_seq = st.fail_seq + 1;
-        if res.is_err() {
-            st.fail_seq = fail_seq;
-        }
-        if let Some(o) = st.objs.get_mut(&i) {
-            o.busy = false;
-            o.inflight = None;
-            match res {
-                Ok(()) => {
-                    o.durable_ver = o.durable_ver.max(ver);
-                    if o.ver == ver {
-                        freed = matches!(o.dirty.take(), Some(Layer::Buf { .. }));
-                    } else {
-                        // Written again during the PUT: those writes age
-                        // from now, like any other dirty data.
-                        o.dirty_since = Instant::now();
-                    }
-                }
-                Err(_) => o.last_fail_seq = fail_seq,
+            if let Op::Put(_) = op {
+                st.note_put(i);
             }
+            st.invalidate(i);
+            skip
+        };
+        if skip {
+            // Known not to be in the store: nothing to DELETE.
+            self.retry.stats.deletes_skipped.fetch_add(1, Relaxed);
+            self.finish_mutation(i, ver, MutKind::Writeback, true, true);
+            return Ok(true);
         }
-        if freed {
-            st.dirty_bytes = st.dirty_bytes.saturating_sub(len);
-        }
-        st.cleanup(i);
-        if st.objs.contains_key(&i) {
-            self.kick.notify_one();
-        }
-        drop(st);
-        self.changed.notify_waiters();
-        res.map(|()| true)
+        let op = match op {
+            Op::Put(b) => MutOp::Put(b),
+            _ => MutOp::Delete,
+        };
+        self.mutate(i, ver, MutKind::Writeback, op)
+            .await
+            .map(|()| true)
     }
 
     /// Returns once generation `g` of object `i` (or a newer one) is in the
     /// store, doing the write-back itself if nobody else is.
     async fn ensure_durable(&self, i: u64, g: u64, start_seq: u64) -> R<()> {
+        // How long this operation waits for an unanswered request of the
+        // object to resolve (it may never): then it reports an error.
+        let deadline = tokio::time::Instant::now() + self.retry_budget;
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
-            {
+            let unanswered = {
                 let st = self.lock();
                 let Some(o) = st.objs.get(&i) else {
                     return Ok(());
@@ -641,6 +961,15 @@ impl Inner {
                     // never acknowledged, so nothing is owed.
                     return Ok(());
                 }
+                // A request the store has not answered holds the object:
+                // whether g reached the store is unknown until it resolves.
+                o.unanswered
+            };
+            if unanswered {
+                if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                    return Err(EngErr::Store);
+                }
+                continue;
             }
             if self.writeback(i).await? {
                 continue;
@@ -669,44 +998,63 @@ impl Inner {
 
     /// Deallocate / Write Zeroes. Whole objects become DELETEs (done before
     /// completion, so a TRIM frees store space); partial ranges are zeros
-    /// written through the buffer.
+    /// written through the buffer. Objects are processed lazily with at most
+    /// `trim_parallelism` at once, so a range of any size costs memory for
+    /// that many objects, not for the range; objects known not to be in the
+    /// store and not dirty cost nothing at all. After the first failure no
+    /// new object is started (the ones running finish), so a dead store
+    /// fails the command in about one retry budget.
     pub async fn zero(&self, off: u64, len: u64) -> R<()> {
         let start_seq = self.lock().fail_seq;
-        let mut whole = Vec::new();
-        let mut partial = Vec::new();
-        {
-            let mut st = self.lock();
-            for (i, o, n, _) in self.geo.segments(off, len) {
-                if o == 0 && n == self.geo.obj_len(i) {
-                    let (ver, obj) = st.touch(i);
-                    let was_clean = obj.dirty.is_none();
-                    let old = obj.dirty.replace(Layer::Zero);
-                    if was_clean {
-                        obj.dirty_since = Instant::now();
-                    }
-                    if matches!(old, Some(Layer::Buf { .. })) {
-                        st.dirty_bytes = st.dirty_bytes.saturating_sub(self.geo.obj_len(i));
-                    }
-                    whole.push((i, ver));
-                } else {
-                    partial.push((i, o, n));
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        let failed = &failed;
+        let jobs = SegIter::new(&self.geo, off, len)
+            .take_while(|_| !failed.load(Relaxed))
+            .map(|(i, o, n)| async move {
+                let r = self.zero_obj(i, o, n, start_seq).await;
+                if r.is_err() {
+                    failed.store(true, Relaxed);
                 }
+                r
+            });
+        let mut running = futures::stream::iter(jobs).buffer_unordered(self.trim_parallelism);
+        let mut res = Ok(());
+        while let Some(r) = running.next().await {
+            if r.is_err() {
+                res = r;
             }
         }
-        self.changed.notify_waiters();
-        for (i, o, n) in partial {
+        res
+    }
+
+    async fn zero_obj(&self, i: u64, o: u64, n: u64, start_seq: u64) -> R<()> {
+        if o != 0 || n != self.geo.obj_len(i) {
             let zeros = vec![0u8; n as usize];
-            self.write_partial(i, o, &zeros).await?;
+            return self.write_partial(i, o, &zeros).await.map(|_| ());
         }
-        let waits = join_all(
-            whole
-                .into_iter()
-                .map(|(i, g)| self.ensure_durable(i, g, start_seq)),
-        );
-        for r in waits.await {
-            r?;
-        }
-        Ok(())
+        let ver = {
+            let mut st = self.lock();
+            if st.poisoned(i) {
+                return Err(self.poisoned_err(i));
+            }
+            if !st.objs.contains_key(&i) && !st.may_be_stored(i) {
+                // Clean and not in the store: already reads as zeros.
+                self.retry.stats.deletes_skipped.fetch_add(1, Relaxed);
+                return Ok(());
+            }
+            let (ver, obj) = st.touch(i);
+            let was_clean = obj.dirty.is_none();
+            let old = obj.dirty.replace(Layer::Zero);
+            if was_clean {
+                obj.dirty_since = Instant::now();
+            }
+            if matches!(old, Some(Layer::Buf { .. })) {
+                st.dirty_bytes = st.dirty_bytes.saturating_sub(self.geo.obj_len(i));
+            }
+            ver
+        };
+        self.changed.notify_waiters();
+        self.ensure_durable(i, ver, start_seq).await
     }
 
     // ----------------------------------------------------------------- read
@@ -902,11 +1250,14 @@ impl Inner {
                     .iter()
                     .filter(|(_, o)| !o.busy && o.dirty.is_some())
                     .map(|(&i, o)| {
-                        // Eager objects and DELETEs go now; everything
-                        // else waits for its delay or for buffer pressure.
+                        // Eager objects go now; everything else waits for
+                        // its delay or for buffer pressure.
+                        // A Zero layer's TRIM does its own DELETE (with its
+                        // own parallelism bound); the flusher only picks up
+                        // one left behind by a failed TRIM, once aged.
                         let complete = match &o.dirty {
                             Some(Layer::Buf { .. }) => o.eager,
-                            _ => true,
+                            _ => false,
                         };
                         let bytes = match &o.dirty {
                             Some(Layer::Buf { .. }) => me.geo.obj_len(i),
@@ -931,6 +1282,8 @@ impl Inner {
                 }
                 picks
             };
+            me.flusher_picks.fetch_add(picks.len() as u64, Relaxed);
+            me.flusher_passes.fetch_add(1, Relaxed);
             for i in picks {
                 let me2 = me.clone();
                 tokio::spawn(async move {

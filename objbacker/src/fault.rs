@@ -57,6 +57,13 @@ pub struct FaultConfig {
     /// device sees as a timeout when `hang` exceeds its request_timeout.
     pub timeout_rate: f64,
     pub hang: Duration,
+    /// Models the HTTP client's own request timeout: an injected hang
+    /// fails after this long (if shorter than `hang`), as a real client
+    /// gives up on a request the network does not answer. `None`: the hang
+    /// lasts `hang`. Either way a hang caused by `black_hole` ends as soon
+    /// as the black hole is lifted (the connection resets). Set to the
+    /// device's `request_timeout` when the config wraps real clients.
+    pub client_timeout: Option<Duration>,
 }
 
 impl Default for FaultConfig {
@@ -66,6 +73,7 @@ impl Default for FaultConfig {
             error_rate: 0.0,
             timeout_rate: 0.0,
             hang: Duration::from_secs(60),
+            client_timeout: None,
         }
     }
 }
@@ -110,9 +118,23 @@ impl FaultyStore {
             let mut rng = rand::thread_rng();
             (rng.r#gen(), rng.r#gen())
         };
-        if self.ctl.black_hole.load(Relaxed) || to_roll < self.cfg.timeout_rate {
+        let holed = self.ctl.black_hole.load(Relaxed);
+        if holed || to_roll < self.cfg.timeout_rate {
             self.ctl.injected_timeouts.fetch_add(1, Relaxed);
-            tokio::time::sleep(self.cfg.hang).await;
+            let hang = self
+                .cfg
+                .client_timeout
+                .map_or(self.cfg.hang, |t| t.min(self.cfg.hang));
+            let end = tokio::time::Instant::now() + hang;
+            // The request never reached the inner store, so it cannot land
+            // later; it only ends (with an error) after the hang.
+            while tokio::time::Instant::now() < end {
+                if holed && !self.ctl.black_hole.load(Relaxed) {
+                    break;
+                }
+                let step = end - tokio::time::Instant::now();
+                tokio::time::sleep(step.min(Duration::from_millis(10))).await;
+            }
             return Err(injected(op, "timeout"));
         }
         if self.ctl.down.load(Relaxed) || err_roll < self.cfg.error_rate {

@@ -109,8 +109,9 @@ impl ObjBacker {
         let probe = store::Retrier::new(&cfg);
         let superblock = superblock::check_attach(&cfg, &probe, &buckets).await?;
         // Same counters as the device, so attach-time retries show in stats().
-        let inner = Arc::new(engine::Inner::new(&cfg, buckets, probe));
+        let inner = engine::Inner::new(&cfg, buckets, probe);
         let handle = tokio::runtime::Handle::current();
+        handle.spawn(engine::Inner::scan_stored(Arc::downgrade(&inner)));
         let flusher = handle.spawn(engine::Inner::flusher(
             Arc::downgrade(&inner),
             cfg.max_in_flight,
@@ -180,6 +181,37 @@ impl ObjBacker {
 
     pub async fn flush(&self) -> Result<(), IoError> {
         self.inner.flush().await.map_err(|_| IoError::WriteFault)
+    }
+
+    /// Test hook: the attach-time LIST that tells which objects are in the
+    /// store (so TRIM can skip DELETEs of the others) has finished.
+    #[doc(hidden)]
+    pub fn store_scan_done(&self) -> bool {
+        self.inner.scan_done()
+    }
+
+    /// Test hook: most per-object entries the engine ever held at once.
+    #[doc(hidden)]
+    pub fn peak_tracked_objects(&self) -> usize {
+        self.inner.peak_objs()
+    }
+
+    /// Test hook: read-ahead GETs still in flight.
+    #[doc(hidden)]
+    pub fn prefetches_in_flight(&self) -> usize {
+        self.inner.prefetches_in_flight()
+    }
+
+    /// Test hook: wake the background flusher for one pass.
+    #[doc(hidden)]
+    pub fn kick_flusher(&self) {
+        self.inner.kick_flusher();
+    }
+
+    /// Test hook: (passes the flusher made, objects it picked to write back).
+    #[doc(hidden)]
+    pub fn flusher_counters(&self) -> (u64, u64) {
+        self.inner.flusher_counters()
     }
 
     /// Test hook modelling kill -9: from now on no store mutation starts,

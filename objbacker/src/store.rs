@@ -148,8 +148,17 @@ fn open_bucket(cfg: &ObjBackerConfig, url: &str) -> Result<Bucket, ObjError> {
     };
     // Injected latency and errors (benchmarks, fault tests) wrap the real
     // client, so everything above it runs the production path.
+    // The real client below gives up on a request after request_timeout
+    // (ClientOptions above); an injected hang models a network that does
+    // not answer, so it ends the same way unless the config says otherwise.
     let store: Arc<dyn ObjectStore> = match cfg.fault {
-        Some(f) => Arc::new(crate::FaultyStore::new(store, f)),
+        Some(f) => Arc::new(crate::FaultyStore::new(
+            store,
+            crate::FaultConfig {
+                client_timeout: f.client_timeout.or(Some(cfg.request_timeout)),
+                ..f
+            },
+        )),
         None => store,
     };
     Ok(Bucket {
@@ -178,6 +187,15 @@ pub struct ObjBackerStats {
     pub readahead_gets: u64,
     /// Read segments served from the read-ahead cache.
     pub cache_hits: u64,
+    /// PUT/DELETE attempts unanswered after `request_timeout` (waited for,
+    /// never re-sent while unanswered).
+    pub slow_mutations: u64,
+    /// PUT/DELETEs still unanswered when their retry budget ran out (the
+    /// object stayed busy until they resolved).
+    pub unanswered: u64,
+    /// Whole-object TRIMs that needed no DELETE: the object is known not
+    /// to be in the store.
+    pub deletes_skipped: u64,
 }
 
 #[derive(Default)]
@@ -192,6 +210,9 @@ pub(crate) struct Stats {
     pub rmw_gets: AtomicU64,
     pub readahead_gets: AtomicU64,
     pub cache_hits: AtomicU64,
+    pub slow_mutations: AtomicU64,
+    pub unanswered: AtomicU64,
+    pub deletes_skipped: AtomicU64,
 }
 
 impl Stats {
@@ -207,6 +228,9 @@ impl Stats {
             rmw_gets: self.rmw_gets.load(Relaxed),
             readahead_gets: self.readahead_gets.load(Relaxed),
             cache_hits: self.cache_hits.load(Relaxed),
+            slow_mutations: self.slow_mutations.load(Relaxed),
+            unanswered: self.unanswered.load(Relaxed),
+            deletes_skipped: self.deletes_skipped.load(Relaxed),
         }
     }
 }
@@ -324,43 +348,169 @@ impl Retrier {
         }
     }
 
+    /// PUT for the superblock and other callers that do not track an
+    /// object's busy state: an unanswered attempt is reported as an error
+    /// (and keeps running in the background).
     pub async fn put(
         &self,
         b: &Bucket,
         key: &Path,
         data: Bytes,
     ) -> Result<(), object_store::Error> {
+        self.put_tracked(b, key, data)
+            .await
+            .map_err(MutFail::into_error)
+    }
+
+    pub async fn delete(&self, b: &Bucket, key: &Path) -> Result<(), object_store::Error> {
+        self.delete_tracked(b, key)
+            .await
+            .map_err(MutFail::into_error)
+    }
+
+    /// PUT whose outcome the caller tracks: see [`Retrier::mutate`].
+    pub async fn put_tracked(&self, b: &Bucket, key: &Path, data: Bytes) -> Result<(), MutFail> {
         let len = data.len() as u64;
-        self.run("PUT", || {
+        let store = b.store.clone();
+        let k = key.clone();
+        self.mutate("PUT", move || {
+            let (store, k) = (store.clone(), k.clone());
             let payload = PutPayload::from(data.clone());
-            async move { b.store.put(key, payload).await.map(|_| ()) }
+            async move { store.put(&k, payload).await.map(|_| ()) }
         })
         .await?;
         self.stats.puts.fetch_add(1, Relaxed);
         self.stats.bytes_put.fetch_add(len, Relaxed);
         if let Some(root) = &b.local_root {
-            sync_local(root, key, true).await?;
+            sync_local(root, key, true)
+                .await
+                .map_err(MutFail::Answered)?;
         }
         Ok(())
     }
 
-    pub async fn delete(&self, b: &Bucket, key: &Path) -> Result<(), object_store::Error> {
-        let res = self.run("DELETE", || b.store.delete(key)).await;
-        match res {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-            Err(e) => return Err(e),
-        }
+    pub async fn delete_tracked(&self, b: &Bucket, key: &Path) -> Result<(), MutFail> {
+        let store = b.store.clone();
+        let k = key.clone();
+        let res = self
+            .mutate("DELETE", move || {
+                let (store, k) = (store.clone(), k.clone());
+                async move {
+                    match store.delete(&k).await {
+                        Err(object_store::Error::NotFound { .. }) => Ok(()),
+                        r => r,
+                    }
+                }
+            })
+            .await;
+        res?;
         self.stats.deletes.fetch_add(1, Relaxed);
         if let Some(root) = &b.local_root {
-            sync_local(root, key, false).await?;
+            sync_local(root, key, false)
+                .await
+                .map_err(MutFail::Answered)?;
         }
         Ok(())
+    }
+
+    /// A store mutation (PUT/DELETE) with the retry budget, under the rule
+    /// that makes "an older PUT never overtakes a newer one" hold at the
+    /// store: **an attempt is never abandoned**. Each attempt runs as its
+    /// own task; a retry is issued only after the previous attempt has
+    /// resolved (the store answered, or the client library gave up and
+    /// returned). An attempt still unanswered after `request_timeout` is
+    /// waited for, not dropped and re-sent; when the budget runs out with
+    /// it still unanswered, the caller gets [`MutFail::Unanswered`] with the
+    /// attempt, and must keep the object busy until it resolves.
+    pub async fn mutate<F, Fut>(&self, what: &'static str, mut f: F) -> Result<(), MutFail>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<(), object_store::Error>> + Send + 'static,
+    {
+        let mut deadline: Option<tokio::time::Instant> = None;
+        let mut backoff = self.init_backoff;
+        loop {
+            let (res, attempt) = {
+                let _permit = self.sem.acquire().await;
+                let deadline =
+                    *deadline.get_or_insert_with(|| tokio::time::Instant::now() + self.budget);
+                let mut attempt = tokio::spawn(f());
+                let slow = tokio::time::Instant::now() + self.request_timeout;
+                let mut res = tokio::time::timeout_at(slow.min(deadline), &mut attempt).await;
+                if res.is_err() && slow < deadline {
+                    self.stats.slow_mutations.fetch_add(1, Relaxed);
+                    tracing::debug!(
+                        "objbacker: {what} unanswered after {:?}; waiting for it before any retry",
+                        self.request_timeout
+                    );
+                    res = tokio::time::timeout_at(deadline, &mut attempt).await;
+                }
+                (res, attempt)
+            };
+            let e = match res {
+                Ok(Ok(Ok(()))) => return Ok(()),
+                Ok(Ok(Err(e))) if permanent(&e) => return Err(MutFail::Answered(e)),
+                Ok(Ok(Err(e))) => e,
+                // The attempt task panicked or was cancelled: it is over.
+                Ok(Err(join)) => object_store::Error::Generic {
+                    store: "objbacker",
+                    source: Box::new(join),
+                },
+                Err(_) => {
+                    self.stats.failures.fetch_add(1, Relaxed);
+                    self.stats.unanswered.fetch_add(1, Relaxed);
+                    tracing::warn!(
+                        "objbacker: {what} still unanswered when the retry budget {:?} ran out; \
+                         the object stays busy until the store answers",
+                        self.budget
+                    );
+                    return Err(MutFail::Unanswered(attempt));
+                }
+            };
+            let half = backoff / 2;
+            let sleep = half + rand::thread_rng().gen_range(Duration::ZERO..=half);
+            let past_budget = deadline.is_none_or(|d| tokio::time::Instant::now() + sleep >= d);
+            if past_budget {
+                self.stats.failures.fetch_add(1, Relaxed);
+                tracing::warn!(
+                    "objbacker: {what} failed, retry budget {:?} spent: {e}",
+                    self.budget
+                );
+                return Err(MutFail::Answered(e));
+            }
+            self.stats.retries.fetch_add(1, Relaxed);
+            tracing::debug!("objbacker: {what} failed, retrying in {sleep:?}: {e}");
+            tokio::time::sleep(sleep).await;
+            backoff = (backoff * 2).min(self.max_backoff);
+        }
+    }
+}
+
+/// How a tracked mutation failed.
+pub(crate) enum MutFail {
+    /// Every attempt was answered (or failed on the client side) and none
+    /// succeeded: nothing of this mutation is still on its way.
+    Answered(object_store::Error),
+    /// The budget ran out while an attempt was still unanswered. It may
+    /// still land; the caller owns it and keeps the object busy until then.
+    Unanswered(tokio::task::JoinHandle<Result<(), object_store::Error>>),
+}
+
+impl MutFail {
+    fn into_error(self) -> object_store::Error {
+        match self {
+            MutFail::Answered(e) => e,
+            MutFail::Unanswered(_) => object_store::Error::Generic {
+                store: "objbacker",
+                source: "no answer within the retry budget".into(),
+            },
+        }
     }
 }
 
 /// fsync the object file (after PUT) and its directory (PUT renames into it,
 /// DELETE unlinks from it), so a FLUSH on file:// survives power loss.
-async fn sync_local(
+pub(crate) async fn sync_local(
     root: &std::path::Path,
     key: &Path,
     file: bool,

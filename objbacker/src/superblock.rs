@@ -185,7 +185,7 @@ async fn list_keys(b: &Bucket) -> Result<Vec<object_store::ObjectMeta>, ObjError
 }
 
 /// Name of `key` relative to the bucket prefix, if directly under it.
-fn leaf(b: &Bucket, key: &Path) -> Option<String> {
+pub(crate) fn leaf(b: &Bucket, key: &Path) -> Option<String> {
     let parts: Vec<_> = key.prefix_match(&b.prefix)?.collect();
     match parts.as_slice() {
         [one] => Some(one.as_ref().to_string()),
@@ -193,7 +193,7 @@ fn leaf(b: &Bucket, key: &Path) -> Option<String> {
     }
 }
 
-fn data_index(name: &str) -> Option<u64> {
+pub(crate) fn data_index(name: &str) -> Option<u64> {
     (name.len() >= 8 && name.bytes().all(|c| c.is_ascii_digit()))
         .then(|| name.parse().ok())
         .flatten()
@@ -273,6 +273,14 @@ async fn format_buckets(
             .map_err(|e| store_err(b, e))?;
     }
     sb.bucket_index = 0;
+    tracing::info!(
+        name = %cfg.name,
+        uuid = %sb.uuid,
+        buckets = ?sb.buckets,
+        object_size = sb.object_size,
+        size = sb.size_bytes,
+        "formatted new objbacker device"
+    );
     Ok(sb)
 }
 

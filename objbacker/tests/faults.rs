@@ -38,8 +38,13 @@ async fn injected_5xx_and_timeouts_are_retried_to_success() {
                     latency: Latency::Exponential(Duration::from_millis(2)),
                     error_rate: 0.3,
                     timeout_rate: 0.15,
-                    // Longer than request_timeout: the device gives up on it.
+                    // Longer than request_timeout. A hung GET is dropped
+                    // and retried at request_timeout; a hung PUT/DELETE is
+                    // waited for (it might still land) until the client
+                    // gives up on it, as a real HTTP client does after its
+                    // own timeout.
                     hang: Duration::from_secs(5),
+                    client_timeout: Some(cfg.request_timeout),
                 },
             ))
         })

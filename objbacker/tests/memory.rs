@@ -3,7 +3,8 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
@@ -313,16 +314,20 @@ async fn whole_device_write_and_read_with_short_last_object() {
     );
 }
 
-/// Slow PUTs so that ordering bugs would show.
-fn slow(mem: &Arc<InMemory>, lat: Latency) -> Arc<dyn ObjectStore> {
-    Arc::new(FaultyStore::new(
+/// Slow requests so that ordering bugs would show, observed by a probe.
+fn slow(mem: &Arc<InMemory>, lat: Latency) -> (Arc<dyn ObjectStore>, Arc<Probe>) {
+    let probed = ProbeStore::new(Arc::new(FaultyStore::new(
         mem.clone(),
         FaultConfig {
             latency: lat,
             ..Default::default()
         },
-    ))
+    )));
+    let probe = probed.probe.clone();
+    (Arc::new(probed), probe)
 }
+
+const WAIT: Duration = Duration::from_secs(20);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn newer_write_is_never_overtaken_by_older_put() {
@@ -331,7 +336,7 @@ async fn newer_write_is_never_overtaken_by_older_put() {
     format_with_stores(&cfg, vec![mem.clone()], FormatOptions::default())
         .await
         .unwrap();
-    let store = slow(
+    let (store, probe) = slow(
         &mem,
         Latency::Uniform(Duration::from_millis(5), Duration::from_millis(150)),
     );
@@ -353,7 +358,8 @@ async fn newer_write_is_never_overtaken_by_older_put() {
             .unwrap();
     }
     h.flush().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Anything still on its way to the store lands before we look.
+    eventually("no PUT in flight", WAIT, || probe.puts_in_flight() == 0).await;
     assert_same(
         &get(mem.as_ref(), "dev/00000000").await.unwrap(),
         &pattern(0, OBJ, 5),
@@ -373,7 +379,7 @@ async fn trim_is_ordered_after_an_in_flight_put() {
     format_with_stores(&cfg, vec![mem.clone()], FormatOptions::default())
         .await
         .unwrap();
-    let store = slow(&mem, Latency::Fixed(Duration::from_millis(200)));
+    let (store, probe) = slow(&mem, Latency::Fixed(Duration::from_millis(200)));
     let dev = ObjBacker::attach_with_stores(cfg.clone(), vec![store])
         .await
         .unwrap();
@@ -382,10 +388,17 @@ async fn trim_is_ordered_after_an_in_flight_put() {
     for off in (0..OBJ).step_by(65536) {
         h.write(off, &pattern(off, 65536, 1), false).await.unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    eventually("the write-back PUT is in flight", WAIT, || {
+        probe.puts_in_flight() == 1
+    })
+    .await;
     h.trim(0, OBJ).await.unwrap();
     assert_eq!(h.read(0, OBJ).await.unwrap(), vec![0; OBJ as usize]);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The PUT has finished (the DELETE waited for it) and nothing else is
+    // on its way to the store.
+    assert_eq!(probe.puts_done.load(SeqCst), 1);
+    assert!(probe.deletes_done.load(SeqCst) >= 1);
+    eventually("no PUT in flight", WAIT, || probe.puts_in_flight() == 0).await;
     assert!(
         get(mem.as_ref(), "dev/00000000").await.is_none(),
         "the older PUT did not land after the DELETE"
@@ -400,7 +413,7 @@ async fn full_buffer_applies_back_pressure() {
     let (mem, _) = stores(2);
     let slowed: Vec<Arc<dyn ObjectStore>> = mem
         .iter()
-        .map(|m| slow(m, Latency::Fixed(Duration::from_millis(30))))
+        .map(|m| slow(m, Latency::Fixed(Duration::from_millis(30))).0)
         .collect();
     format_with_stores(&cfg, slowed.clone(), FormatOptions::default())
         .await
@@ -421,28 +434,29 @@ async fn full_buffer_applies_back_pressure() {
             )
         })
         .collect();
+    let done = Arc::new(AtomicBool::new(false));
     let watcher = {
-        let dev = dev.clone();
+        let (dev, done) = (dev.clone(), done.clone());
         tokio::spawn(async move {
             let mut peak = 0;
-            for _ in 0..200 {
+            // Samples for as long as the writes run, however long that is.
+            while !done.load(SeqCst) {
                 peak = peak.max(dev.dirty_bytes());
-                tokio::time::sleep(Duration::from_millis(2)).await;
+                tokio::task::yield_now().await;
             }
             peak
         })
     };
-    let t = Instant::now();
     for c in h.batch(ios).await {
         assert_eq!(c.result, Ok(()));
     }
-    let waited = t.elapsed();
+    done.store(true, SeqCst);
     let peak = watcher.await.unwrap();
     assert!(peak <= 2 * OBJ, "buffer bounded: peak {peak}");
-    assert!(
-        waited >= Duration::from_millis(60),
-        "writers waited for write-back: {waited:?}"
-    );
+    // 16 objects through a 2-object buffer: all but two writers completed
+    // only after write-back of an earlier object had landed.
+    let puts = dev.stats().puts;
+    assert!(puts >= 14, "writers waited for write-back: {puts} PUTs");
     h.flush().await.unwrap();
     for i in 0..16u64 {
         let off = i * OBJ + 4096;
@@ -474,8 +488,12 @@ async fn sequential_reads_trigger_read_ahead_and_writes_invalidate_it() {
     let s = dev.stats();
     assert!(s.readahead_gets >= 3, "read-ahead fetched objects: {s:?}");
     assert!(s.cache_hits > 0, "reads were served from read-ahead: {s:?}");
-    // Objects 6..9 are now prefetched; overwrite part of 7 and read it.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Objects 6..9 are being prefetched; once they are in the cache,
+    // overwrite part of 7 and read it.
+    eventually("read-ahead finished", WAIT, || {
+        dev.prefetches_in_flight() == 0
+    })
+    .await;
     h.write(7 * OBJ + 4096, &[0xEE; 4096], false).await.unwrap();
     h.flush().await.unwrap();
     let r = h.read(7 * OBJ, 12288).await.unwrap();
@@ -660,7 +678,7 @@ async fn writes_during_a_put_wait_for_the_delay_instead_of_re_putting_at_once() 
     format_with_stores(&cfg, vec![mem.clone()], FormatOptions::default())
         .await
         .unwrap();
-    let store = slow(&mem, Latency::Fixed(Duration::from_millis(100)));
+    let (store, probe) = slow(&mem, Latency::Fixed(Duration::from_millis(100)));
     let dev = ObjBacker::attach_with_stores(cfg.clone(), vec![store])
         .await
         .unwrap();
@@ -669,8 +687,11 @@ async fn writes_during_a_put_wait_for_the_delay_instead_of_re_putting_at_once() 
         .unwrap();
     let d2 = dev.clone();
     let flush = tokio::spawn(async move { d2.flush().await });
-    // The flush's GET (100 ms) is done and its PUT in flight: write more.
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Once the flush's GET is done and its PUT in flight: write more.
+    eventually("the flush's PUT is in flight", WAIT, || {
+        probe.puts_in_flight() == 1
+    })
+    .await;
     dev.write_at(8192, Bytes::from(vec![2u8; 4096]), false)
         .await
         .unwrap();
@@ -679,12 +700,16 @@ async fn writes_during_a_put_wait_for_the_delay_instead_of_re_putting_at_once() 
         .unwrap();
     flush.await.unwrap().unwrap();
     let after_flush = dev.stats().puts;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Let the flusher make a whole pass: it must not pick the object.
+    let (passes, picks) = dev.flusher_counters();
+    dev.kick_flusher();
+    eventually("a flusher pass", WAIT, || dev.flusher_counters().0 > passes).await;
     assert_eq!(
-        dev.stats().puts,
-        after_flush,
+        dev.flusher_counters().1,
+        picks,
         "re-dirtied object must wait for its delay"
     );
+    assert_eq!(dev.stats().puts, after_flush);
     dev.flush().await.unwrap();
     assert_eq!(
         dev.stats().puts,
@@ -695,4 +720,111 @@ async fn writes_during_a_put_wait_for_the_delay_instead_of_re_putting_at_once() 
     assert!(got[..4096].iter().all(|&b| b == 1));
     assert!(got[8192..12288].iter().all(|&b| b == 2));
     assert!(got[16384..20480].iter().all(|&b| b == 3));
+}
+
+/// A host splits a whole-device TRIM into commands of at most 256 MiB; at
+/// 1 MiB objects that is 256 whole-object DELETEs per command (here 256
+/// objects of 128 KiB). They run concurrently, bounded by trim_parallelism.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_256_object_trim_deletes_concurrently_and_reads_zero() {
+    let n = 256u64;
+    let mut cfg = test_cfg(mem_urls(1), n * OBJ, OBJ);
+    cfg.max_in_flight = 64;
+    cfg.trim_parallelism = 32;
+    let (mem, _) = stores(1);
+    format_with_stores(&cfg, dyn_of(&mem), FormatOptions::default())
+        .await
+        .unwrap();
+    let probed: Vec<Arc<ProbeStore>> = mem
+        .iter()
+        .map(|m| Arc::new(ProbeStore::new(m.clone())))
+        .collect();
+    let dev = ObjBacker::attach_with_stores(
+        cfg.clone(),
+        probed
+            .iter()
+            .map(|p| p.clone() as Arc<dyn ObjectStore>)
+            .collect(),
+    )
+    .await
+    .unwrap();
+    let mut h = Host::new(&dev);
+    for chunk in 0..n / 64 {
+        let off = chunk * 64 * OBJ;
+        h.write(off, &pattern(off, 64 * OBJ, 1), false)
+            .await
+            .unwrap();
+    }
+    for p in &probed {
+        *p.probe.delete_latency.lock().unwrap() = Duration::from_millis(20);
+    }
+    h.trim(0, n * OBJ).await.unwrap();
+    let deletes: u64 = probed
+        .iter()
+        .map(|p| p.probe.deletes_done.load(SeqCst))
+        .sum();
+    assert_eq!(deletes, n, "one DELETE per written object");
+    assert_eq!(dev.stats().deletes, n);
+    let peak = probed[0].probe.max_deletes_in_flight.load(SeqCst);
+    assert!(
+        peak >= 8,
+        "DELETEs ran concurrently: at most {peak} at once"
+    );
+    assert!(peak <= 32, "bounded by trim_parallelism: {peak} at once");
+    assert_eq!(
+        list(mem[0].as_ref(), Some("dev")).await.len(),
+        1,
+        "the bucket holds only the superblock"
+    );
+    assert_eq!(
+        h.read(0, n * OBJ).await.unwrap(),
+        vec![0; (n * OBJ) as usize]
+    );
+}
+
+/// A Deallocate of a range far beyond the written data (64 GiB device, one
+/// written object) completes, DELETEs only what is in the store, and holds
+/// per-object state for a bounded number of objects, not for the range.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trim_far_beyond_written_data_is_bounded() {
+    let size = 64 << 30;
+    let cfg = test_cfg(mem_urls(2), size, MIB);
+    let (dev, mem) = fresh(&cfg, 2).await;
+    eventually("attach-time LIST done", WAIT, || dev.store_scan_done()).await;
+    let mut h = Host::new(&dev);
+    h.write(5 * MIB, &pattern(5 * MIB, MIB, 1), false)
+        .await
+        .unwrap();
+    // A partial write too: buffered, never stored, zeroed by the TRIM.
+    h.write(9 * MIB + 4096, &[3u8; 4096], false).await.unwrap();
+    let before = dev.peak_tracked_objects();
+    dev.zero_at(0, size).await.unwrap();
+    let s = dev.stats();
+    assert_eq!(s.deletes, 1, "only the stored object is DELETEd: {s:?}");
+    assert_eq!(s.deletes_skipped, (size / MIB) - 1, "{s:?}");
+    let peak = dev.peak_tracked_objects();
+    assert!(
+        peak <= before.max(2) + 32,
+        "per-object state bounded by trim_parallelism: peak {peak}"
+    );
+    assert!(get(mem[1].as_ref(), "dev/00000005").await.is_none());
+    assert_eq!(h.read(5 * MIB, MIB).await.unwrap(), vec![0; MIB as usize]);
+    assert_eq!(h.read(9 * MIB, MIB).await.unwrap(), vec![0; MIB as usize]);
+    assert_eq!(dev.dirty_bytes(), 0);
+    // Without the LIST (an object written by someone else) the DELETE is
+    // not skipped: the second device attaches to the same store.
+    mem[0]
+        .put(
+            &Path::from("dev/00000010"),
+            PutPayload::from(vec![1u8; MIB as usize]),
+        )
+        .await
+        .unwrap();
+    let dev2 = ObjBacker::attach_with_stores(cfg.clone(), dyn_of(&mem))
+        .await
+        .unwrap();
+    eventually("attach-time LIST done", WAIT, || dev2.store_scan_done()).await;
+    dev2.zero_at(0, size).await.unwrap();
+    assert_eq!(dev2.stats().deletes, 1);
+    assert!(get(mem[0].as_ref(), "dev/00000010").await.is_none());
 }

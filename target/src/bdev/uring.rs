@@ -7,15 +7,21 @@
 //! `queue_depth` slots indexed by `user_data`; with at most one SQE in flight
 //! per slot, neither the SQ nor the CQ (twice the SQ size) can overflow, and
 //! requests beyond the depth wait in a FIFO until a slot frees up.
+//!
+//! Dropping a channel never waits for the kernel (a hung device would
+//! stall every connection of the reactor): a ring with requests still in
+//! flight goes, with the buffers those requests point at, to one reaper
+//! thread that waits for their completions and only then frees them.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, mpsc};
 use std::task::{Context, Poll};
 
 use io_uring::{IoUring, opcode, types};
@@ -345,7 +351,8 @@ impl Slot {
 
 pub struct UringChannel {
     bdev: Arc<UringBdev>,
-    ring: IoUring,
+    /// Taken by `Drop`: dropped there when idle, else handed to the reaper.
+    ring: ManuallyDrop<IoUring>,
     eventfd: AsyncFd<OwnedFd>,
     slots: Vec<Slot>,
     free: Vec<u32>,
@@ -354,6 +361,8 @@ pub struct UringChannel {
     done: VecDeque<BdevCompletion>,
     /// SQEs pushed but not yet handed to the kernel.
     queued: u32,
+    #[cfg(test)]
+    watch: Arc<ReapWatch>,
 }
 
 impl UringChannel {
@@ -384,13 +393,15 @@ impl UringChannel {
         let nslots = ring.params().sq_entries().min(depth) as usize;
         Ok(Self {
             bdev,
-            ring,
+            ring: ManuallyDrop::new(ring),
             eventfd,
             slots: (0..nslots).map(|_| Slot::EMPTY).collect(),
             free: (0..nslots as u32).rev().collect(),
             overflow: VecDeque::with_capacity(nslots * 2),
             done: VecDeque::with_capacity(nslots * 2),
             queued: 0,
+            #[cfg(test)]
+            watch: Arc::default(),
         })
     }
 
@@ -497,8 +508,9 @@ impl UringChannel {
         };
         // SAFETY: every buffer the entry points at lives until its CQE is
         // reaped: request buffers are owned by the slot until `finish`, the
-        // zero buffer by the bdev our Arc keeps alive, and `Drop` waits for
-        // outstanding CQEs before either goes away.
+        // zero buffer by the bdev our Arc keeps alive, and `Drop` hands
+        // slots with outstanding CQEs, the ring and that Arc to the reaper,
+        // which frees them only after the CQEs.
         let pushed = unsafe {
             self.ring
                 .submission()
@@ -679,27 +691,158 @@ impl BdevChannel for UringChannel {
 
 impl Drop for UringChannel {
     fn drop(&mut self) {
-        // The kernel may still be reading from or writing into slot buffers:
-        // wait for every outstanding SQE before the buffers are freed.
-        let mut outstanding = self.slots.len() - self.free.len();
-        while outstanding > 0 {
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e) => {
-                    tracing::error!(
-                        bdev = %self.bdev.info.name,
-                        "io_uring wait on close: {e}; leaking {outstanding} buffers"
-                    );
-                    for slot in &mut self.slots {
-                        std::mem::forget(slot.buf.take());
-                    }
-                    return;
-                }
-            }
-            outstanding = outstanding.saturating_sub(self.ring.completion().count());
+        let outstanding = self.slots.len() - self.free.len();
+        if outstanding == 0 {
+            // SAFETY: the ring is not used again; `Drop` runs once.
+            unsafe { ManuallyDrop::drop(&mut self.ring) };
+            return;
+        }
+        // The kernel may still read from or write into slot buffers (and
+        // the shared zero buffer and the file): hand the ring, those
+        // buffers and the bdev to the reaper instead of waiting here.
+        // SAFETY: as above; the ring moves out exactly once.
+        let ring = unsafe { ManuallyDrop::take(&mut self.ring) };
+        let mut in_flight = vec![true; self.slots.len()];
+        for &i in &self.free {
+            in_flight[i as usize] = false;
+        }
+        // The reaper waits on its own descriptor of the eventfd the ring
+        // signals; ours stays registered with this reactor until it drops.
+        // SAFETY: dup of a descriptor we own; the result is checked.
+        let raw =
+            unsafe { libc::fcntl(self.eventfd.get_ref().as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        // SAFETY: a fresh descriptor nobody else owns.
+        let eventfd = (raw >= 0).then(|| unsafe { OwnedFd::from_raw_fd(raw) });
+        let abandoned = Abandoned {
+            ring,
+            eventfd,
+            slots: std::mem::take(&mut self.slots),
+            in_flight,
+            outstanding,
+            _bdev: self.bdev.clone(),
+            #[cfg(test)]
+            watch: self.watch.clone(),
+        };
+        #[cfg(test)]
+        {
+            self.watch.handed_over.store(true, Ordering::SeqCst);
+            self.watch.outstanding.store(outstanding, Ordering::SeqCst);
+        }
+        if let Err(mpsc::SendError(a)) = reaper().send(abandoned) {
+            // No reaper thread (it could not be started): leak rather than
+            // free memory the kernel may still write into.
+            tracing::error!(
+                bdev = %self.bdev.info.name,
+                "io_uring reaper unavailable; leaking a ring with {} requests in flight",
+                a.outstanding
+            );
+            std::mem::forget(a);
         }
     }
+}
+
+/// A dropped channel's ring with requests still in the kernel, and
+/// everything those requests point at. Fields drop in order: the ring
+/// (all its requests completed by then) before the buffers.
+struct Abandoned {
+    ring: IoUring,
+    eventfd: Option<OwnedFd>,
+    slots: Vec<Slot>,
+    in_flight: Vec<bool>,
+    outstanding: usize,
+    /// The file and the shared zero buffer.
+    _bdev: Arc<UringBdev>,
+    #[cfg(test)]
+    watch: Arc<ReapWatch>,
+}
+
+impl Abandoned {
+    /// Frees the buffer of every request the kernel has finished with.
+    /// Requests are not continued (no remainders, no zero chunks).
+    fn reap(&mut self) {
+        // SQEs pushed but never submitted would never complete otherwise.
+        let _ = self.ring.submit();
+        for cqe in self.ring.completion() {
+            let Some(i) = usize::try_from(cqe.user_data())
+                .ok()
+                .filter(|&i| self.in_flight.get(i) == Some(&true))
+            else {
+                continue;
+            };
+            self.in_flight[i] = false;
+            drop(self.slots[i].buf.take());
+            self.outstanding -= 1;
+            #[cfg(test)]
+            {
+                self.watch.buffers_freed.fetch_add(1, Ordering::SeqCst);
+                self.watch.outstanding.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        if let Some(fd) = &self.eventfd {
+            let mut count: u64 = 0;
+            // SAFETY: reads 8 bytes into a live u64 from a non-blocking
+            // eventfd we own; EAGAIN is fine.
+            unsafe { libc::read(fd.as_raw_fd(), (&raw mut count).cast(), 8) };
+        }
+    }
+}
+
+/// The reaper: one thread for the process, started on first use, that
+/// owns abandoned rings until their last request completes. It waits on
+/// the rings' eventfds (and wakes every 100 ms regardless), so one hung
+/// request holds only its own ring, never a reactor or another ring.
+fn reaper() -> &'static mpsc::Sender<Abandoned> {
+    static REAPER: OnceLock<mpsc::Sender<Abandoned>> = OnceLock::new();
+    REAPER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Abandoned>();
+        let started = std::thread::Builder::new()
+            .name("uring-reaper".into())
+            .spawn(move || reap_loop(rx));
+        if let Err(e) = started {
+            tracing::error!("cannot start the io_uring reaper thread: {e}");
+        }
+        tx
+    })
+}
+
+fn reap_loop(rx: mpsc::Receiver<Abandoned>) {
+    let mut rings: Vec<Abandoned> = Vec::new();
+    loop {
+        if rings.is_empty() {
+            match rx.recv() {
+                Ok(a) => rings.push(a),
+                Err(_) => return,
+            }
+        }
+        rings.extend(rx.try_iter());
+        for a in &mut rings {
+            a.reap();
+        }
+        rings.retain(|a| a.outstanding > 0);
+        if rings.is_empty() {
+            continue;
+        }
+        let mut fds: Vec<libc::pollfd> = rings
+            .iter()
+            .filter_map(|a| a.eventfd.as_ref())
+            .map(|fd| libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: a live array of pollfd of the given length.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
+    }
+}
+
+/// Test view of a channel's hand-over to the reaper.
+#[cfg(test)]
+#[derive(Default)]
+struct ReapWatch {
+    handed_over: AtomicBool,
+    outstanding: std::sync::atomic::AtomicUsize,
+    buffers_freed: std::sync::atomic::AtomicUsize,
 }
 
 #[cfg(test)]
@@ -854,17 +997,93 @@ mod tests {
         assert!(*got == data[..]);
     }
 
+    async fn wait_for(what: &str, cond: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !cond() {
+            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    }
+
     #[tokio::test(flavor = "current_thread")]
-    async fn dropping_a_busy_channel_waits_for_the_kernel() {
+    async fn dropping_a_busy_channel_hands_it_to_the_reaper() {
         let dir = real_fs_dir();
         let b = open(&dir.path().join("ns"), 4096, Some(4 << 20), 32);
-        let mut ch = b.open_channel().unwrap();
+        let mut ch = UringChannel::new(b).unwrap();
+        let watch = ch.watch.clone();
         for i in 0..100 {
             ch.submit(testutil::read(i, u64::from(i), 8, 4096));
         }
-        ch.flush_submissions();
+        // 32 in the ring (not even submitted yet), 68 waiting for a slot.
         assert_eq!(ch.in_flight(), 100);
         drop(ch);
+        assert!(watch.handed_over.load(Ordering::SeqCst));
+        wait_for("the reaper freed every in-flight buffer", || {
+            watch.outstanding.load(Ordering::SeqCst) == 0
+        })
+        .await;
+        assert_eq!(watch.buffers_freed.load(Ordering::SeqCst), 32);
+    }
+
+    /// A read from a FIFO nobody writes never completes: a hung request.
+    /// Dropping its channel returns at once; the buffer is freed only once
+    /// the kernel completes the read.
+    #[tokio::test(flavor = "current_thread")]
+    async fn dropping_a_channel_with_a_hung_request_does_not_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fifo");
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // O_RDWR: opening a FIFO does not wait for a peer.
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let bdev = Arc::new(UringBdev {
+            info: BdevInfo {
+                name: "fifo".into(),
+                block_size: 4096,
+                num_blocks: 16,
+                volatile_write_cache: true,
+                max_io_bytes: 0,
+            },
+            file,
+            direct: false,
+            queue_depth: 8,
+            zeros: IoBuf::new(4096),
+            no_zero_range: AtomicBool::new(false),
+            no_punch_hole: AtomicBool::new(false),
+        });
+        let mut ch = UringChannel::new(bdev).unwrap();
+        let watch = ch.watch.clone();
+        ch.submit(testutil::read(1, 0, 1, 4096));
+        ch.flush_submissions();
+        // The read is really stuck in the kernel.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        ch.reap();
+        assert_eq!(ch.done.len(), 0, "the FIFO read completed early");
+        let t = std::time::Instant::now();
+        drop(ch);
+        assert!(
+            t.elapsed() < std::time::Duration::from_millis(200),
+            "drop blocked for {:?}",
+            t.elapsed()
+        );
+        assert!(watch.handed_over.load(Ordering::SeqCst));
+        assert_eq!(watch.outstanding.load(Ordering::SeqCst), 1);
+        // Still hung a while later: the buffer is still held.
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        assert_eq!(watch.buffers_freed.load(Ordering::SeqCst), 0);
+        // Unstick it: the read completes and only then is the buffer freed.
+        let mut w = OpenOptions::new().write(true).open(&path).unwrap();
+        std::io::Write::write_all(&mut w, &[1u8; 4096]).unwrap();
+        wait_for("the reaper freed the buffer", || {
+            watch.buffers_freed.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        assert_eq!(watch.outstanding.load(Ordering::SeqCst), 0);
     }
 
     #[test]
