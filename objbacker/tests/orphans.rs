@@ -203,5 +203,5 @@ async fn unanswered_put_keeps_the_object_busy_then_poisons_it() {
         &pattern(0, OBJ, 4),
         "writes work again",
     );
-    assert_eq!(probe.puts_done.load(SeqCst), probe.puts_done.load(SeqCst));
+    assert!(probe.puts_done.load(SeqCst) >= 3);
 }
