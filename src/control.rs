@@ -1042,8 +1042,8 @@ async fn attach_or_format(cfg: ObjBackerConfig, auto: bool) -> Result<(Arc<ObjBa
     match ObjBacker::attach(cfg.clone()).await {
         Ok(ob) => Ok((ob, false)),
         Err(ObjError::NotFormatted { .. }) if auto => {
-            let sb = strata_objbacker::format(&cfg, FormatOptions { force: false }).await?;
-            tracing::info!(name = %cfg.name, uuid = ?sb, "formatted new objbacker device");
+            // `format` logs the new device's fields itself.
+            strata_objbacker::format(&cfg, FormatOptions { force: false }).await?;
             Ok((ObjBacker::attach(cfg).await?, true))
         }
         Err(e) => Err(e.into()),

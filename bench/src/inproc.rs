@@ -87,7 +87,9 @@ fn connect_pdus(qid: u16, cntlid: u16, dg: bool) -> (Vec<u8>, Vec<u8>) {
     c.set_opcode(spec::admin_opc::FABRICS);
     c.0[4] = spec::fctype::CONNECT;
     c.set_cdw(10, u32::from(qid) << 16);
-    c.set_cdw(11, 1023);
+    // The admin queue is bounded at 128 entries (as SPDK's max_aq_depth);
+    // MQES bounds the I/O queue.
+    c.set_cdw(11, if qid == 0 { 31 } else { 1023 });
     c.set_sgl(SglDescriptor {
         addr: 0,
         len: 1024,
