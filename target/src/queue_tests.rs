@@ -976,15 +976,7 @@ fn a_host_that_never_reads_stops_being_read_and_is_cut_off() {
     assert!(used < bytes.len(), "the queue stopped taking commands");
     assert!(!io.qp.wants_input());
     assert!(io.qp.stats.input_paused > 0);
-    let owed: usize = {
-        let mut v = Vec::new();
-        let mut n = 0;
-        for s in &io.qp.tx {
-            n += s.remaining().len();
-        }
-        v.push(n);
-        n
-    };
+    let owed: usize = io.qp.tx.iter().map(|s| s.remaining().len()).sum();
     assert!(
         owed <= (1 << 20) + (128 << 10) + 4096,
         "output bounded: {owed}"

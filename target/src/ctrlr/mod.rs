@@ -344,20 +344,12 @@ pub fn connect_explained(
                 "admin queue asked for a static controller ID (only the dynamic model, FFFFh, is served)",
             );
         }
-        if sqsize == 0 {
+        if let Some(reason) = sqsize_problem(sqsize, MAX_ADMIN_SQSIZE, "admin SQSIZE above 127") {
             return fail(
                 &nqns,
                 Status::CONNECT_INVALID_PARAM,
                 ipo_sqe(SQE_OFF_SQSIZE),
-                "SQSIZE 0",
-            );
-        }
-        if sqsize > MAX_ADMIN_SQSIZE {
-            return fail(
-                &nqns,
-                Status::CONNECT_INVALID_PARAM,
-                ipo_sqe(SQE_OFF_SQSIZE),
-                "admin SQSIZE above 127",
+                reason,
             );
         }
         let Some(cntlid) = reg.alloc_cntlid(&d.subnqn) else {
@@ -428,20 +420,12 @@ pub fn connect_explained(
             "QID beyond the I/O queues granted",
         );
     }
-    if sqsize == 0 {
+    if let Some(reason) = sqsize_problem(sqsize, MQES, "SQSIZE above MQES (1023)") {
         return fail(
             &nqns,
             Status::CONNECT_INVALID_PARAM,
             ipo_sqe(SQE_OFF_SQSIZE),
-            "SQSIZE 0",
-        );
-    }
-    if sqsize > MQES {
-        return fail(
-            &nqns,
-            Status::CONNECT_INVALID_PARAM,
-            ipo_sqe(SQE_OFF_SQSIZE),
-            "SQSIZE above MQES (1023)",
+            reason,
         );
     }
     if !st.io_qids.insert(qid) {
@@ -459,6 +443,18 @@ pub fn connect_explained(
         Connected::Io { ctrlr, qid, sqsize },
         cpl(cid, Status::SUCCESS, dw0),
     ))
+}
+
+/// Why a Connect's SQSIZE (0's based) is refused, if it is: 0, or above
+/// the queue's bound.
+fn sqsize_problem(sqsize: u16, max: u16, above: &'static str) -> Option<&'static str> {
+    if sqsize == 0 {
+        Some("SQSIZE 0")
+    } else if sqsize > max {
+        Some(above)
+    } else {
+        None
+    }
 }
 
 /// Rounds a KATO up to the granularity KAS advertises.
