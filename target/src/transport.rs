@@ -11,17 +11,21 @@
 //! This file is deliberately thin: every protocol decision lives in
 //! [`crate::queue::QueuePair`].
 
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::poll_fn;
-use std::io::{self, IoSlice};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpStream;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, watch};
 
 use crate::queue::{CloseReason, QueueLimits, QueuePair};
@@ -109,6 +113,7 @@ pub struct Transport {
     listeners: HashMap<u16, SocketAddr>,
     /// Connections currently open, over all reactors.
     pub open_connections: Arc<AtomicUsize>,
+    counters: Vec<Arc<ReactorCounters>>,
 }
 
 impl Transport {
@@ -118,7 +123,10 @@ impl Transport {
         let epoch = Instant::now();
         let mut threads = Vec::new();
         let mut reactor_txs = Vec::new();
+        let mut counters = Vec::new();
         for i in 0..cfg.reactors.max(1) {
+            let c = Arc::new(ReactorCounters::default());
+            counters.push(c.clone());
             let (tx, rx) = mpsc::unbounded_channel::<NewConn>();
             reactor_txs.push(tx);
             let target = target.clone();
@@ -133,7 +141,7 @@ impl Transport {
                         if pin {
                             pin_to_cpu(i);
                         }
-                        reactor_main(rx, target, limits, poll, shutdown, epoch)
+                        reactor_main(rx, target, limits, poll, shutdown, epoch, c)
                     })?,
             );
         }
@@ -158,6 +166,7 @@ impl Transport {
             threads,
             listeners: HashMap::new(),
             open_connections: open,
+            counters,
         })
     }
 
@@ -185,6 +194,11 @@ impl Transport {
             let _ = self.acceptor_tx.send(AcceptorCmd::Remove { port_id });
             tracing::info!(port_id, "listener removed");
         }
+    }
+
+    /// Socket syscalls, polls and sleeps of every reactor so far.
+    pub fn counters(&self) -> TransportCounters {
+        sum_counters(&self.counters)
     }
 
     pub fn listeners(&self) -> &HashMap<u16, SocketAddr> {
@@ -311,6 +325,76 @@ fn acceptor_main(
     });
 }
 
+/// Syscall and sleep counters of one reactor. Only the reactor's own
+/// thread writes them (a load and a store, no locked read-modify-write, on
+/// a line no other reactor writes); anyone may read them.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct ReactorCounters {
+    recv_data: AtomicU64,
+    recv_empty: AtomicU64,
+    send: AtomicU64,
+    parks: AtomicU64,
+    spins: AtomicU64,
+    probe_empty: AtomicU64,
+    probe_ready: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.store(c.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+}
+
+/// What the reactors have done so far, summed over reactors: the figures a
+/// syscall budget is checked against.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TransportCounters {
+    /// `read`s on a connection socket that returned bytes (or EOF).
+    pub recv_data: u64,
+    /// `read`s that found nothing (EAGAIN): the cost of polling.
+    pub recv_empty: u64,
+    /// `writev`s on a connection socket.
+    pub send: u64,
+    /// Times a reactor thread went to sleep in epoll.
+    pub parks: u64,
+    /// Passes a connection stayed runnable to poll instead of parking.
+    pub spins: u64,
+    /// Zero-timeout `poll`s on a socket that found nothing.
+    pub probe_empty: u64,
+    /// Zero-timeout `poll`s that found bytes, so a `read` followed.
+    pub probe_ready: u64,
+}
+
+impl TransportCounters {
+    /// Every syscall the connections issued on their sockets.
+    pub fn socket_syscalls(&self) -> u64 {
+        self.recv_data + self.recv_empty + self.send + self.probe_empty + self.probe_ready
+    }
+}
+
+fn sum_counters(rs: &[Arc<ReactorCounters>]) -> TransportCounters {
+    let mut t = TransportCounters::default();
+    for r in rs {
+        t.recv_data += r.recv_data.load(Ordering::Relaxed);
+        t.recv_empty += r.recv_empty.load(Ordering::Relaxed);
+        t.send += r.send.load(Ordering::Relaxed);
+        t.parks += r.parks.load(Ordering::Relaxed);
+        t.spins += r.spins.load(Ordering::Relaxed);
+        t.probe_empty += r.probe_empty.load(Ordering::Relaxed);
+        t.probe_ready += r.probe_ready.load(Ordering::Relaxed);
+    }
+    t
+}
+
+/// How a connection is told the target is stopping: a flag on its own
+/// reactor, and the waker it left when it parked. Per-reactor and
+/// unshared, so the hot path reads a `Cell`, not a lock (a `watch`
+/// receiver polled per pass locks the channel's waiter list).
+#[derive(Default)]
+struct StopSignal {
+    stop: Cell<bool>,
+    waker: RefCell<Option<std::task::Waker>>,
+}
+
 fn reactor_main(
     mut conns: mpsc::UnboundedReceiver<NewConn>,
     target: Arc<Target>,
@@ -318,31 +402,45 @@ fn reactor_main(
     poll: Duration,
     mut shutdown: watch::Receiver<bool>,
     epoch: Instant,
+    counters: Arc<ReactorCounters>,
 ) {
-    let rt = current_thread_runtime();
+    let parks = counters.clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .on_thread_park(move || bump(&parks.parks))
+        .build()
+        .expect("tokio current-thread runtime");
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        let mut live = Vec::new();
+        let mut live: Vec<(tokio::task::JoinHandle<()>, Rc<StopSignal>)> = Vec::new();
         loop {
             tokio::select! {
                 _ = shutdown.changed() => break,
                 c = conns.recv() => {
                     let Some(c) = c else { break };
                     let target = target.clone();
-                    let sd = shutdown.clone();
-                    live.retain(|h: &tokio::task::JoinHandle<()>| !h.is_finished());
-                    live.push(tokio::task::spawn_local(async move {
+                    let sig = Rc::new(StopSignal::default());
+                    let s2 = sig.clone();
+                    let counters = counters.clone();
+                    live.retain(|(h, _)| !h.is_finished());
+                    live.push((tokio::task::spawn_local(async move {
                         let peer = c.stream.peer_addr().ok();
-                        match serve_connection(c, target, limits, poll, sd, epoch).await {
+                        match serve_connection(c, target, limits, poll, s2, epoch, counters).await {
                             Ok(reason) => tracing::debug!(?peer, ?reason, "connection closed"),
                             Err(e) => tracing::debug!(?peer, error = %e, "connection ended"),
                         }
-                    }));
+                    }), sig));
                 }
             }
         }
+        for (_, sig) in &live {
+            sig.stop.set(true);
+            if let Some(w) = sig.waker.borrow_mut().take() {
+                w.wake();
+            }
+        }
         // Let every connection observe the shutdown and drain its bdev I/O.
-        for h in live {
+        for (h, _) in live {
             let _ = h.await;
         }
     });
@@ -354,39 +452,50 @@ async fn serve_connection(
     target: Arc<Target>,
     limits: QueueLimits,
     poll: Duration,
-    mut shutdown: watch::Receiver<bool>,
+    sig: Rc<StopSignal>,
     epoch: Instant,
+    counters: Arc<ReactorCounters>,
 ) -> io::Result<Option<CloseReason>> {
     let _count = c.count;
     c.stream.set_nodelay(true)?;
     c.stream.set_nonblocking(true)?;
     let peer = c.stream.peer_addr().ok();
-    let stream = TcpStream::from_std(c.stream)?;
+    // SAFETY: the TcpStream owns its fd, and the AsyncFd owns the stream
+    // until `into_inner` at the end of this function; nothing else closes or
+    // replaces the fd while it is registered.
+    let sock = unsafe {
+        AsyncFd::register_with_interest(c.stream, Interest::READABLE | Interest::WRITABLE)?
+    };
     // Dropping the queue (a panic included) releases its controller.
     let mut qp = QueuePair::new(target, c.port_id, limits);
     if let Some(p) = peer {
         qp.set_peer(p);
     }
+    let now = Instant::now();
     let mut conn = Conn {
         rx: vec![0u8; RX_BUF],
         rx_len: 0,
         tick: tokio::time::interval(TICK),
+        next_tick: now + TICK,
         waker_set: false,
         epoch,
-        poll,
-        last_active: Instant::now(),
+        spin: SpinWindow::new(poll),
+        last_active: now,
+        spinning: false,
+        probe: false,
+        counters,
     };
+    conn.tick
+        .set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = poll_fn(|cx| {
-        if shutdown.has_changed().unwrap_or(true) {
+        if sig.stop.get() {
             return Poll::Ready(Ok(Some(CloseReason::Disconnected("target shutting down"))));
         }
-        let r = conn.drive(cx, &stream, &mut qp);
-        if r.is_pending() {
-            // Registers for the shutdown signal without consuming it.
-            let fut = shutdown.changed();
-            tokio::pin!(fut);
-            if fut.poll(cx).is_ready() {
-                return Poll::Ready(Ok(Some(CloseReason::Disconnected("target shutting down"))));
+        let r = conn.drive(cx, &sock, &mut qp);
+        if r.is_pending() && !conn.spinning {
+            let mut w = sig.waker.borrow_mut();
+            if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *w = Some(cx.waker().clone());
             }
         }
         r
@@ -404,46 +513,148 @@ async fn serve_connection(
         .await;
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let _ = stream
-        .into_std()
-        .map(|s| s.shutdown(std::net::Shutdown::Both));
+    let _ = sock.into_inner().shutdown(std::net::Shutdown::Both);
     result
 }
 
-use std::future::Future;
+/// Whether a connection polls its socket after its last activity, and for
+/// how long. Polling wins the wakeup (several µs of a QD1 round trip) when
+/// the host's next command comes soon; it is wasted when it does not. So the
+/// window is on only while the host's recent gaps (an EWMA of the time from
+/// our last activity to its next command, capped so one long pause is
+/// forgotten after a few quick commands) stay within twice the window: a
+/// QD1 host is polled, a keep-alive-only or slow host parks at once.
+struct SpinWindow {
+    window: Duration,
+    gap_ewma_ns: u64,
+}
+
+/// Longest gap the EWMA takes in: a pause longer than this says the same as
+/// this ("slow host"), and the window comes back within about 20 quick
+/// commands.
+const GAP_CAP_NS: u64 = 1_000_000;
+
+impl SpinWindow {
+    fn new(window: Duration) -> Self {
+        Self {
+            window,
+            gap_ewma_ns: 0,
+        }
+    }
+
+    fn on_input(&mut self, gap: Duration) {
+        let g = (gap.as_nanos() as u64).min(GAP_CAP_NS);
+        self.gap_ewma_ns = (self.gap_ewma_ns * 7 + g) / 8;
+    }
+
+    fn spin(&self, idle: Duration) -> bool {
+        idle < self.window && self.gap_ewma_ns <= 2 * self.window.as_nanos() as u64
+    }
+}
 
 struct Conn {
     rx: Vec<u8>,
     rx_len: usize,
+    /// Wakes a parked connection for its timers; the hot path reads the
+    /// clock instead of polling it.
     tick: tokio::time::Interval,
+    next_tick: Instant,
     waker_set: bool,
     epoch: Instant,
-    poll: Duration,
+    spin: SpinWindow,
     last_active: Instant,
+    /// The last pass left the task runnable (polling) rather than parked.
+    spinning: bool,
+    /// Ask `poll` before `read`: the last read came back short or empty, so
+    /// the socket is probably empty. `poll` does not take the socket lock;
+    /// an empty `read` does, and contends with the host's packets arriving
+    /// on the other core (measured: 11% of the reactor in the lock's slow
+    /// path when polling with `read`).
+    probe: bool,
+    counters: Arc<ReactorCounters>,
+}
+
+/// One `read` on the socket, counted. `None`: nothing there.
+fn sock_read(
+    counters: &ReactorCounters,
+    sock: &std::net::TcpStream,
+    dst: &mut [u8],
+) -> io::Result<Option<usize>> {
+    match (&*sock).read(dst) {
+        Ok(n) => {
+            bump(&counters.recv_data);
+            Ok(Some(n))
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            bump(&counters.recv_empty);
+            Ok(None)
+        }
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether the socket has bytes (or EOF/error) to read, without reading.
+fn sock_probe(counters: &ReactorCounters, sock: &std::net::TcpStream) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: sock.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; a zero timeout never blocks.
+    let r = unsafe { libc::poll(&mut pfd, 1, 0) };
+    if r == 0 {
+        bump(&counters.probe_empty);
+        false
+    } else {
+        bump(&counters.probe_ready);
+        true
+    }
+}
+
+/// A pass's outcome when the socket had nothing to give.
+enum Park {
+    /// Registered with epoll; the task sleeps until something is ready.
+    Sleep,
+    /// Tokio's readiness was stale (the hot path reads the socket directly,
+    /// so tokio never saw it drained): cleared; try another pass.
+    Retry,
 }
 
 impl Conn {
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+    /// Milliseconds since the transport started, from a clock read the
+    /// pass already made.
+    fn ms_at(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_millis() as u64
     }
 
-    /// One run-to-completion pass: read, execute, reap, write, repeat until
-    /// nothing moves, then register for readiness.
+    /// One pass of run to completion: read, execute, reap, write, repeat
+    /// until nothing moves; then either stay runnable (the spin window) or
+    /// register for readiness.
+    ///
+    /// The socket is read and written with plain non-blocking syscalls, not
+    /// through tokio's readiness cache: a poll must really look at the
+    /// socket (tokio's `try_read` returns WouldBlock without a syscall
+    /// until its epoll driver runs), and a busy connection costs one `read`
+    /// and one `writev` per batch.
     fn drive(
         &mut self,
         cx: &mut Context<'_>,
-        stream: &TcpStream,
+        sock: &AsyncFd<std::net::TcpStream>,
         qp: &mut QueuePair,
     ) -> Poll<io::Result<Option<CloseReason>>> {
+        let s = sock.get_ref();
+        self.spinning = false;
         for _ in 0..BUDGET {
             let mut progress = false;
+            let now = Instant::now();
             if qp.must_close_now() {
                 return Poll::Ready(Ok(qp.close_reason().cloned()));
             }
             if qp.wants_input() && self.rx_len > 0 {
                 // Bytes left when input paused (or a partial header): the
                 // queue may take them now without another read.
-                let used = qp.handle_input(&self.rx[..self.rx_len], self.now_ms());
+                let used = qp.handle_input(&self.rx[..self.rx_len], self.ms_at(now));
                 if used > 0 {
                     self.rx.copy_within(used..self.rx_len, 0);
                     self.rx_len -= used;
@@ -453,32 +664,39 @@ impl Conn {
             if !qp.wants_input() {
                 // Back-pressure: nothing more is read until the host has
                 // taken its output (or the device has finished its reads).
+            } else if self.probe && !sock_probe(&self.counters, s) {
+                // Nothing waiting: no read, so no fight with the sender's
+                // softirq for the socket lock.
             } else if self.rx_len == 0
                 && let Some(dst) = qp.direct_rx()
             {
                 // Large write data goes from the socket into the command's
                 // buffer with no intermediate copy.
-                match stream.try_read(dst) {
-                    Ok(0) => return Poll::Ready(Ok(None)),
-                    Ok(n) => {
+                let want = dst.len();
+                match sock_read(&self.counters, s, dst)? {
+                    Some(0) => return Poll::Ready(Ok(None)),
+                    Some(n) => {
+                        self.probe = n < want;
                         qp.direct_rx_done(n);
                         progress = true;
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Poll::Ready(Err(e)),
+                    None => {}
                 }
             } else if self.rx_len < self.rx.len() {
-                match stream.try_read(&mut self.rx[self.rx_len..]) {
-                    Ok(0) => return Poll::Ready(Ok(None)),
-                    Ok(n) => {
+                let want = self.rx.len() - self.rx_len;
+                match sock_read(&self.counters, s, &mut self.rx[self.rx_len..])? {
+                    Some(0) => return Poll::Ready(Ok(None)),
+                    Some(n) => {
+                        self.probe = n < want;
+                        self.spin
+                            .on_input(now.saturating_duration_since(self.last_active));
                         self.rx_len += n;
-                        let used = qp.handle_input(&self.rx[..self.rx_len], self.now_ms());
+                        let used = qp.handle_input(&self.rx[..self.rx_len], self.ms_at(now));
                         self.rx.copy_within(used..self.rx_len, 0);
                         self.rx_len -= used;
                         progress = true;
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Poll::Ready(Err(e)),
+                    None => self.probe = true,
                 }
             }
             if !self.waker_set
@@ -487,6 +705,7 @@ impl Conn {
                 c.set_event_waker(cx.waker().clone());
                 self.waker_set = true;
             }
+            qp.flush_submissions();
             if qp.poll_completions(cx) {
                 progress = true;
             }
@@ -494,12 +713,14 @@ impl Conn {
             while qp.has_tx() {
                 let mut iov = [IoSlice::new(&[]); MAX_IOV];
                 let n = qp.tx_slices(&mut iov);
-                match stream.try_write_vectored(&iov[..n]) {
+                bump(&self.counters.send);
+                match (&*s).write_vectored(&iov[..n]) {
                     Ok(w) => {
                         qp.tx_advance(w);
                         progress = true;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => return Poll::Ready(Err(e)),
                 }
             }
@@ -508,28 +729,68 @@ impl Conn {
             {
                 return Poll::Ready(Ok(Some(r.clone())));
             }
-            if self.tick.poll_tick(cx).is_ready() {
-                qp.on_tick(self.now_ms());
+            if now >= self.next_tick {
+                self.next_tick = now + TICK;
+                qp.on_tick(self.ms_at(now));
                 progress = true;
             }
             if progress {
-                self.last_active = Instant::now();
-            } else {
-                let readable = qp.wants_input()
-                    && self.rx_len < self.rx.len()
-                    && stream.poll_read_ready(cx).is_ready();
-                let writable = qp.has_tx() && stream.poll_write_ready(cx).is_ready();
-                if !readable && !writable {
-                    if self.last_active.elapsed() < self.poll {
-                        // Stay runnable: the reactor comes back to us after
-                        // its other connections, without an epoll sleep.
-                        cx.waker().wake_by_ref();
-                    }
-                    return Poll::Pending;
-                }
+                self.last_active = now;
+                continue;
+            }
+            if self
+                .spin
+                .spin(now.saturating_duration_since(self.last_active))
+            {
+                // Stay runnable: the reactor comes back to us after its
+                // other connections, without an epoll sleep.
+                bump(&self.counters.spins);
+                self.spinning = true;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            match self.park(cx, sock, qp) {
+                Ok(Park::Sleep) => return Poll::Pending,
+                Ok(Park::Retry) => {}
+                Err(e) => return Poll::Ready(Err(e)),
             }
         }
         cx.waker().wake_by_ref();
+        self.spinning = true;
         Poll::Pending
+    }
+
+    /// Registers for whatever the connection waits on: input (unless input
+    /// is paused), output room (if output is pending), and its tick.
+    fn park(
+        &mut self,
+        cx: &mut Context<'_>,
+        sock: &AsyncFd<std::net::TcpStream>,
+        qp: &QueuePair,
+    ) -> io::Result<Park> {
+        let mut retry = false;
+        if qp.wants_input()
+            && self.rx_len < self.rx.len()
+            && let Poll::Ready(g) = sock.poll_read_ready(cx)
+        {
+            // Epoll's word may be stale (the hot path read the bytes before
+            // tokio saw the event), so the probe stays on: a stale wakeup
+            // costs a `poll`, not an empty `read`.
+            g?.clear_ready();
+            retry = true;
+        }
+        if qp.has_tx()
+            && let Poll::Ready(g) = sock.poll_write_ready(cx)
+        {
+            g?.clear_ready();
+            retry = true;
+        }
+        if retry {
+            return Ok(Park::Retry);
+        }
+        // The interval fires at the same period the hot path uses; it only
+        // matters while parked.
+        while self.tick.poll_tick(cx).is_ready() {}
+        Ok(Park::Sleep)
     }
 }

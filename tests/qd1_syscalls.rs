@@ -1,0 +1,102 @@
+//! The driver's syscall budget at QD1, counted by the driver itself
+//! (`Transport::counters`): every `read`, `writev` and zero-timeout `poll`
+//! a reactor issues on a connection socket, and every epoll sleep.
+//!
+//! The design (docs/ARCHITECTURE.md, "The QD1 round trip"): in steady
+//! state one I/O costs one `read` that returns its capsule, one `writev`
+//! that sends its data and response, and one `poll` that found the capsule
+//! (a poll instead of an empty read is what keeps the socket lock out of
+//! the host's way). While it waits for the next command the connection
+//! polls with `poll` only; an empty `read` is a fault of the design. A
+//! stale epoll wakeup (the hot path read the bytes before tokio saw the
+//! event) costs one empty `poll`.
+//!
+//! Counts, not time: the assertions hold however fast or loaded the
+//! machine is, because they bound syscalls per completed I/O, and the
+//! waiting cost (empty polls, sleeps) is reported, not asserted.
+
+use std::sync::Arc;
+
+use strata_bench::initiator::ConnectOpts;
+use strata_bench::job::{JobSpec, Rw};
+use strata_bench::load::{self, Progress};
+use strata_target::bdev::ram::RamBdev;
+use strata_target::subsystem::{Target, TargetConfig};
+use strata_target::transport::{Transport, TransportConfig};
+
+const NQN: &str = "nqn.2026-12.dev.strata:syscalls";
+
+fn run(t: &Transport, addr: std::net::SocketAddr, rw: Rw, ios: u64) {
+    let spec = JobSpec {
+        rw,
+        qd: 1,
+        jobs: 1,
+        runtime_ms: None,
+        size: Some(ios * 4096),
+        ..JobSpec::default()
+    };
+    let before = t.counters();
+    let out = load::run(
+        &ConnectOpts::new(addr, NQN),
+        &spec,
+        None,
+        Arc::new(Progress::default()),
+        &mut |_, _| {},
+    )
+    .unwrap_or_else(|e| panic!("{rw:?} QD1: {e:#}"));
+    let after = t.counters();
+    let done: u64 = out.jobs.iter().map(|j| j.reads + j.writes).sum();
+    assert_eq!(done, ios, "every I/O of the region completed");
+    let d = |f: fn(&strata_target::transport::TransportCounters) -> u64| f(&after) - f(&before);
+    let (reads, sends, ready, empty_reads) = (
+        d(|c| c.recv_data),
+        d(|c| c.send),
+        d(|c| c.probe_ready),
+        d(|c| c.recv_empty),
+    );
+    eprintln!(
+        "{rw:?} QD1, {ios} I/Os: read {reads}, writev {sends}, poll found data {ready}, \
+         empty read {empty_reads}, empty poll {}, sleeps {}, spins {}",
+        d(|c| c.probe_empty),
+        d(|c| c.parks),
+        d(|c| c.spins)
+    );
+    // Connect, Identify, Set Features, keep-alive and teardown: a few
+    // dozen PDUs of setup on top of the I/Os.
+    let setup = 64;
+    assert!(
+        reads <= ios + setup,
+        "{reads} data-carrying reads for {ios} I/Os: more than one per I/O"
+    );
+    assert!(
+        sends <= ios + setup,
+        "{sends} writevs for {ios} I/Os: more than one per I/O"
+    );
+    assert!(
+        ready <= ios + setup,
+        "{ready} polls that found data for {ios} I/Os: more than one per I/O"
+    );
+    // Every read follows a poll that saw bytes, and this connection has one
+    // reader: an empty read is a fault of the design.
+    assert!(
+        empty_reads <= setup,
+        "{empty_reads} empty reads for {ios} I/Os: the poll loop is reading, not polling"
+    );
+}
+
+#[test]
+fn qd1_steady_state_costs_one_read_one_writev_one_poll_per_io() {
+    let bdev = RamBdev::new("syscalls", 64 << 20, 512).unwrap();
+    let target = Target::new(TargetConfig::single_namespace(NQN, bdev, 1));
+    let cfg = TransportConfig {
+        reactors: 1,
+        pin_cores: false,
+        ..TransportConfig::default()
+    };
+    let mut t = Transport::start(target, cfg).unwrap();
+    let addr = t.add_listener("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+    for rw in [Rw::Randread, Rw::Randwrite] {
+        run(&t, addr, rw, 4096);
+    }
+    t.shutdown();
+}
