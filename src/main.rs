@@ -44,7 +44,8 @@ enum Cmd {
         #[arg(long)]
         reactors: Option<usize>,
         /// Microseconds a connection keeps polling after its last activity
-        /// before it sleeps in epoll (default 50; 0 = always sleep).
+        /// before it sleeps in epoll (default 50; 0 = always sleep). A host
+        /// that pipelines is polled up to 4× this, a slow one not at all.
         #[arg(long)]
         poll_us: Option<u64>,
     },

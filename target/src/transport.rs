@@ -482,7 +482,7 @@ async fn serve_connection(
         spin: SpinWindow::new(poll),
         last_active: now,
         spinning: false,
-        probe: false,
+        rx_hint: RxHint::default(),
         counters,
     };
     conn.tick
@@ -518,16 +518,27 @@ async fn serve_connection(
 }
 
 /// Whether a connection polls its socket after its last activity, and for
-/// how long. Polling wins the wakeup (several µs of a QD1 round trip) when
-/// the host's next command comes soon; it is wasted when it does not. So the
-/// window is on only while the host's recent gaps (an EWMA of the time from
-/// our last activity to its next command, capped so one long pause is
-/// forgotten after a few quick commands) stay within twice the window: a
-/// QD1 host is polled, a keep-alive-only or slow host parks at once.
+/// how long. Polling wins the wakeup (several µs of a QD1 round trip, and
+/// more under load, where an epoll sleep and its wakeup sit between every
+/// batch) when the host's next bytes come soon; it is wasted when they do
+/// not. So the connection tracks the host's recent gaps (an EWMA of the
+/// time from our last activity to its next bytes, capped so one long pause
+/// is forgotten after a few quick commands) and polls for twice that gap,
+/// at least the configured window and at most [`SPIN_MAX_WINDOWS`] of it.
+/// A host whose gaps exceed that cap is not polled at all: a QD1 host and a
+/// pipelining host that returns every 80–100 µs (4K writes at QD32, when the
+/// initiator's core is the bottleneck) are polled; a keep-alive-only or slow
+/// host parks at once, so idle queues cost no CPU.
 struct SpinWindow {
     window: Duration,
     gap_ewma_ns: u64,
 }
+
+/// The longest a connection polls, in configured windows: with the default
+/// 50 µs window, 200 µs. Measured: parking after a fixed 50 µs cost 4K
+/// randwrite QD32 a quarter of its IOPS (the host's batches came 80–100 µs
+/// apart, so every batch paid an epoll wakeup); 200 µs recovers it.
+const SPIN_MAX_WINDOWS: u64 = 4;
 
 /// Longest gap the EWMA takes in: a pause longer than this says the same as
 /// this ("slow host"), and the window comes back within about 20 quick
@@ -548,7 +559,10 @@ impl SpinWindow {
     }
 
     fn spin(&self, idle: Duration) -> bool {
-        idle < self.window && self.gap_ewma_ns <= 2 * self.window.as_nanos() as u64
+        let window = self.window.as_nanos() as u64;
+        let cap = SPIN_MAX_WINDOWS * window;
+        let limit = (2 * self.gap_ewma_ns).clamp(window, cap.max(window));
+        self.gap_ewma_ns <= cap && (idle.as_nanos() as u64) < limit
     }
 }
 
@@ -565,13 +579,63 @@ struct Conn {
     last_active: Instant,
     /// The last pass left the task runnable (polling) rather than parked.
     spinning: bool,
-    /// Ask `poll` before `read`: the last read came back short or empty, so
-    /// the socket is probably empty. `poll` does not take the socket lock;
-    /// an empty `read` does, and contends with the host's packets arriving
-    /// on the other core (measured: 11% of the reactor in the lock's slow
-    /// path when polling with `read`).
-    probe: bool,
+    rx_hint: RxHint,
     counters: Arc<ReactorCounters>,
+}
+
+/// Whether to ask `poll` before `read`. `poll` does not take the socket
+/// lock; an empty `read` does, and contends with the host's packets
+/// arriving on the other core (measured: 11% of the reactor in the lock's
+/// slow path when a QD1 connection polled with `read`). But a `poll` that
+/// finds bytes is a syscall wasted: a pipelining host (QD32) has its next
+/// commands waiting by the time we have written the last completions.
+///
+/// So the hint learns which kind of host this is, from the first look at
+/// the socket after each read that brought data: if that look finds bytes
+/// at once, the next first look is a plain `read` (pipelining); if it finds
+/// nothing, the next first looks are `poll`s (a host waiting for us). After
+/// the first look finds nothing, every look is a `poll` until bytes come.
+/// A wrong guess costs one syscall and flips the hint.
+#[derive(Debug, Default)]
+struct RxHint {
+    /// The socket is known (or guessed) empty: probe before reading.
+    idle: bool,
+    /// No look at the socket yet since the last read with data.
+    fresh: bool,
+    /// The host's next bytes were waiting at the last first look.
+    eager: bool,
+}
+
+impl RxHint {
+    fn probe(&self) -> bool {
+        if self.fresh { !self.eager } else { self.idle }
+    }
+
+    /// Outcome of a `poll`; returns it.
+    fn probed(&mut self, ready: bool) -> bool {
+        if self.fresh {
+            self.eager = ready;
+            self.fresh = false;
+        }
+        self.idle = !ready;
+        ready
+    }
+
+    /// Outcome of a `read` of up to `want` bytes that returned `n` (0:
+    /// nothing there).
+    fn read(&mut self, n: usize, want: usize) {
+        if n == 0 {
+            if self.fresh {
+                self.eager = false;
+            }
+            self.fresh = false;
+            self.idle = true;
+        } else {
+            // A full buffer says more is waiting: read again at once.
+            self.idle = n < want;
+            self.fresh = n < want;
+        }
+    }
 }
 
 /// One `read` on the socket, counted. `None`: nothing there.
@@ -664,7 +728,7 @@ impl Conn {
             if !qp.wants_input() {
                 // Back-pressure: nothing more is read until the host has
                 // taken its output (or the device has finished its reads).
-            } else if self.probe && !sock_probe(&self.counters, s) {
+            } else if self.rx_hint.probe() && !self.rx_hint.probed(sock_probe(&self.counters, s)) {
                 // Nothing waiting: no read, so no fight with the sender's
                 // softirq for the socket lock.
             } else if self.rx_len == 0
@@ -676,18 +740,18 @@ impl Conn {
                 match sock_read(&self.counters, s, dst)? {
                     Some(0) => return Poll::Ready(Ok(None)),
                     Some(n) => {
-                        self.probe = n < want;
+                        self.rx_hint.read(n, want);
                         qp.direct_rx_done(n);
                         progress = true;
                     }
-                    None => {}
+                    None => self.rx_hint.read(0, want),
                 }
             } else if self.rx_len < self.rx.len() {
                 let want = self.rx.len() - self.rx_len;
                 match sock_read(&self.counters, s, &mut self.rx[self.rx_len..])? {
                     Some(0) => return Poll::Ready(Ok(None)),
                     Some(n) => {
-                        self.probe = n < want;
+                        self.rx_hint.read(n, want);
                         self.spin
                             .on_input(now.saturating_duration_since(self.last_active));
                         self.rx_len += n;
@@ -696,7 +760,7 @@ impl Conn {
                         self.rx_len -= used;
                         progress = true;
                     }
-                    None => self.probe = true,
+                    None => self.rx_hint.read(0, want),
                 }
             }
             if !self.waker_set
@@ -774,7 +838,7 @@ impl Conn {
             && let Poll::Ready(g) = sock.poll_read_ready(cx)
         {
             // Epoll's word may be stale (the hot path read the bytes before
-            // tokio saw the event), so the probe stays on: a stale wakeup
+            // tokio saw the event), so the hint stays idle: a stale wakeup
             // costs a `poll`, not an empty `read`.
             g?.clear_ready();
             retry = true;
@@ -792,5 +856,97 @@ impl Conn {
         // matters while parked.
         while self.tick.poll_tick(cx).is_ready() {}
         Ok(Park::Sleep)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{RxHint, SpinWindow};
+
+    fn host(window_us: u64, gap_us: u64) -> SpinWindow {
+        let mut w = SpinWindow::new(Duration::from_micros(window_us));
+        for _ in 0..64 {
+            w.on_input(Duration::from_micros(gap_us));
+        }
+        w
+    }
+
+    #[test]
+    fn spin_window_follows_the_host() {
+        let us = Duration::from_micros;
+        // QD1: the configured window.
+        assert!(host(50, 5).spin(us(45)));
+        assert!(!host(50, 5).spin(us(55)));
+        // Pipelining with batches 90 µs apart: twice the gap.
+        assert!(host(50, 90).spin(us(150)));
+        assert!(!host(50, 90).spin(us(190)));
+        // Never more than four windows, and a slow host not at all.
+        assert!(!host(50, 150).spin(us(210)));
+        assert!(!host(50, 1000).spin(us(1)));
+        // 0 turns polling off.
+        assert!(!host(0, 0).spin(us(0)));
+    }
+
+    /// A QD1 host: the first look after each command finds nothing, so
+    /// from the second command on every look is a `poll`.
+    #[test]
+    fn rx_hint_probes_a_waiting_host() {
+        let mut h = RxHint::default();
+        let mut empty_reads = 0;
+        for _ in 0..100 {
+            // Looks until the next command arrives (the third look).
+            for look in 0..3 {
+                let there = look == 2;
+                if h.probe() {
+                    if h.probed(there) {
+                        h.read(72, 4096);
+                    }
+                } else if there {
+                    h.read(72, 4096);
+                } else {
+                    empty_reads += 1;
+                    h.read(0, 4096);
+                }
+                if there {
+                    break;
+                }
+            }
+        }
+        assert_eq!(
+            empty_reads, 1,
+            "only the very first command pays an empty read"
+        );
+    }
+
+    /// A pipelining host: bytes are always waiting, so no `poll` is spent
+    /// after the first.
+    #[test]
+    fn rx_hint_reads_a_pipelining_host_directly() {
+        let mut h = RxHint::default();
+        let mut polls = 0;
+        for _ in 0..100 {
+            if h.probe() {
+                polls += 1;
+                assert!(h.probed(true));
+            }
+            h.read(72 * 8, 4096);
+        }
+        assert!(
+            polls <= 1,
+            "{polls} polls for a host whose bytes were always there"
+        );
+    }
+
+    /// A full buffer means more is waiting: the next look is a read.
+    #[test]
+    fn rx_hint_full_read_reads_again() {
+        let mut h = RxHint::default();
+        h.read(10, 4096);
+        h.probed(false);
+        assert!(h.probe());
+        h.read(4096, 4096);
+        assert!(!h.probe());
     }
 }
