@@ -21,6 +21,7 @@
 //!   controller reset or teardown drops them; the host aborts its own).
 
 mod admin;
+mod target;
 #[cfg(test)]
 mod tests;
 
@@ -33,7 +34,9 @@ use crate::bdev::Bdev;
 use crate::spec::{
     CONNECT_DATA_LEN, ConnectData, DISCOVERY_NQN, NvmeCmd, NvmeCpl, Status, admin_opc, fctype,
 };
-use crate::subsystem::{AnaState, Target, TargetConfig, lock};
+use crate::subsystem::{AnaState, TargetConfig};
+use target::lock;
+pub use target::{CNTLID_MAX, CNTLID_MIN, Target};
 
 /// In-capsule data the transport accepts with a command (IOCCSZ derives
 /// from it).
@@ -533,7 +536,7 @@ impl Ctrlr {
                 data: Vec::new(),
             };
         }
-        // Taken before the state lock: see the lock order in `subsystem`.
+        // Taken before the state lock: see the lock order in `target`.
         let cfg = self.snapshot();
         let ana_chgcnt = self
             .target

@@ -320,7 +320,7 @@ fn admin_connect_allocates_unique_cntlids() {
 
 #[test]
 fn cntlid_allocation_wraps_and_reports_busy_when_exhausted() {
-    let mut reg = crate::subsystem::Registry::default();
+    let mut reg = super::target::Registry::default();
     let one = admin_connect(&Target::new(cfg()), 1, SUB1, HOST1);
     let mut n = 0u32;
     while let Some(id) = reg.alloc_cntlid("nqn.x") {

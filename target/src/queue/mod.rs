@@ -39,10 +39,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::bdev::{BdevCompletion, BufPool, IoBuf};
-use crate::ctrlr::{self, Ctrlr, IoView};
+use crate::ctrlr::{self, Ctrlr, IoView, Target};
 use crate::pdu::{self, DecodeConfig, FatalErrorStatus, PduError, PduType, Role};
 use crate::spec::{NvmeCmd, Status};
-use crate::subsystem::Target;
 
 mod connect;
 mod dispatch;
