@@ -205,6 +205,21 @@ impl TargetConfig {
             .unwrap_or(AnaState::Optimized)
     }
 
+    /// What the I/O path of a controller of `nqn` connected through
+    /// `port_id` serves: the active namespaces, sorted by NSID, each with
+    /// the ANA state of its group on that port. None where the subsystem is
+    /// not reachable through the port.
+    pub fn io_namespaces(&self, nqn: &str, port_id: u16) -> Vec<(&NamespaceConfig, AnaState)> {
+        self.subsystem_on_port(nqn, port_id)
+            .map(|sub| {
+                sub.active_namespaces()
+                    .into_iter()
+                    .map(|ns| (ns, self.ana_state(port_id, ns.effective_anagrpid())))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// The ANA log content of a subsystem on a port, as (group → (state,
     /// NSIDs)): one entry per group that has namespaces.
     pub fn ana_groups(&self, nqn: &str, port_id: u16) -> BTreeMap<u32, (AnaState, Vec<u32>)> {
@@ -244,6 +259,26 @@ impl TargetConfig {
             })
             .collect()
     }
+}
+
+/// Whether the I/O path of a controller of `nqn` on `port_id` serves
+/// something else under `new` than under `old`: other NSIDs, other bdevs
+/// (by identity: a reopened device is a new one, even where the host sees
+/// no change) or other ANA states.
+pub(crate) fn io_view_changed(
+    old: &TargetConfig,
+    new: &TargetConfig,
+    nqn: &str,
+    port_id: u16,
+) -> bool {
+    let (a, b) = (
+        old.io_namespaces(nqn, port_id),
+        new.io_namespaces(nqn, port_id),
+    );
+    a.len() != b.len()
+        || a.iter().zip(&b).any(|((x, xs), (y, ys))| {
+            x.nsid != y.nsid || !Arc::ptr_eq(&x.bdev, &y.bdev) || xs != ys
+        })
 }
 
 /// NSIDs whose host-visible attributes differ between two versions of a

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use super::Ctrlr;
-use crate::subsystem::{AnaState, TargetConfig, changed_nsids};
+use crate::subsystem::{AnaState, TargetConfig, changed_nsids, io_view_changed};
 
 /// Controllers by (subsystem NQN, CNTLID), plus the next CNTLID to try per
 /// subsystem.
@@ -61,9 +61,6 @@ impl Registry {
 pub struct Target {
     pub(crate) cfg: RwLock<Arc<TargetConfig>>,
     pub(crate) registry: Mutex<Registry>,
-    /// Shared with every controller so the I/O path reads it without
-    /// touching the target.
-    pub(crate) generation: Arc<AtomicU64>,
     /// ANA log CHGCNT: one counter for the whole target, as nvmet does, so it
     /// only ever grows whatever port or subsystem changed.
     pub(crate) ana_chgcnt: AtomicU64,
@@ -82,7 +79,6 @@ impl Target {
         Arc::new(Target {
             cfg: RwLock::new(Arc::new(cfg)),
             registry: Mutex::new(Registry::default()),
-            generation: Arc::new(AtomicU64::new(1)),
             ana_chgcnt: AtomicU64::new(1),
             disc_genctr: AtomicU64::new(1),
         })
@@ -99,7 +95,8 @@ impl Target {
     /// any change visible in the discovery log → Discovery Log Change AEN to
     /// discovery controllers. Controllers of hosts no longer allowed, of
     /// removed subsystems, or whose port no longer exports the subsystem are
-    /// destroyed. Bumps the generation.
+    /// destroyed. Moves the view generation of exactly the controllers
+    /// whose I/O view changed.
     pub fn apply(&self, cfg: TargetConfig) {
         let mut reg = lock(&self.registry);
         self.apply_locked(&mut reg, cfg);
@@ -116,6 +113,7 @@ impl Target {
         let mut ns_notices: Vec<(Arc<Ctrlr>, Vec<u32>)> = Vec::new();
         let mut ana_notices = Vec::new();
         let mut disc_notices = Vec::new();
+        let mut view_notices = Vec::new();
         let mut ana_log_changed = false;
         let disc_changed = old.discovery_fingerprint() != new.discovery_fingerprint();
 
@@ -136,6 +134,9 @@ impl Target {
             if !nsub.host_allowed(c.hostnqn()) {
                 doomed.push(key.clone());
                 continue;
+            }
+            if io_view_changed(&old, &new, c.subnqn(), c.port_id()) {
+                view_notices.push(c.clone());
             }
             let changed = changed_nsids(old.subsystem(c.subnqn()), nsub);
             if !changed.is_empty() {
@@ -169,9 +170,11 @@ impl Target {
         if disc_changed {
             self.disc_genctr.fetch_add(1, Ordering::AcqRel);
         }
-        // Bumped before the events go out so a host reacting to an event
-        // already sees the new view on its I/O queues.
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        // Before the events go out, so a host reacting to an event already
+        // sees the new view on its I/O queues.
+        for c in view_notices {
+            c.view_changed();
+        }
         for (c, nsids) in ns_notices {
             c.notice_ns_changed(&nsids);
         }
@@ -194,12 +197,6 @@ impl Target {
         };
         port.ana.insert(anagrpid, state);
         self.apply_locked(&mut reg, cfg);
-    }
-
-    /// Bumped on every change that the I/O path must see (namespaces, ANA
-    /// states, controller destruction).
-    pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
     }
 
     pub fn config(&self) -> TargetConfig {
@@ -235,11 +232,8 @@ impl Target {
 
     /// Removes one controller; used by `Ctrlr::destroy`.
     pub(crate) fn unregister(&self, subnqn: &str, cntlid: u16) {
-        let removed = lock(&self.registry)
+        lock(&self.registry)
             .ctrls
             .remove(&(subnqn.to_owned(), cntlid));
-        if removed.is_some() {
-            self.generation.fetch_add(1, Ordering::AcqRel);
-        }
     }
 }

@@ -70,7 +70,7 @@ impl QueuePair {
         let Role2::Io { ctrlr, view, .. } = &mut self.role else {
             return;
         };
-        if view.generation == self.target.generation() {
+        if view.generation == ctrlr.generation() {
             return;
         }
         *view = ctrlr.io_view();

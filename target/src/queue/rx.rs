@@ -117,8 +117,8 @@ impl QueuePair {
             };
             buf = &buf[used..];
         }
-        if let Some(c) = self.ctrlr() {
-            c.touch(now_ms);
+        if let (Some(c), Some(qid)) = (self.ctrlr(), self.qid()) {
+            c.touch(qid, now_ms);
         }
         self.pump_r2t();
         self.flush_submissions();

@@ -37,3 +37,29 @@ fn registry_sweep_reaps_controllers_whose_keep_alive_expired() {
     // The leaked queue then notices and closes.
     std::mem::forget(admin);
 }
+
+#[test]
+fn io_on_one_queue_keeps_the_controller_alive_while_another_idles() {
+    let t = target_with(AnaState::Optimized);
+    let (mut admin, mut io) = bring_up(&t, false);
+    let cntlid = io.qp.ctrlr().unwrap().cntlid();
+    let mut idle = Host::new(&t);
+    idle.icreq(false, false);
+    assert!(idle.connect(2, cntlid, NQN, HOST).status.is_success());
+    // KATO is 5 s; I/O every 3 s on queue 1 only, for four KATOs.
+    let mut now = io.now;
+    for _ in 0..7 {
+        now += 3000;
+        io.now = now;
+        assert!(read(&mut io, 0, 8).0.status.is_success());
+        admin.qp.on_tick(now);
+        idle.qp.on_tick(now);
+        assert_eq!(admin.qp.close_reason(), None, "at {now}");
+        assert_eq!(idle.qp.close_reason(), None, "at {now}");
+    }
+    admin.qp.on_tick(now + 5001);
+    assert_eq!(
+        admin.qp.close_reason(),
+        Some(&CloseReason::Disconnected("keep-alive timeout"))
+    );
+}
