@@ -2,9 +2,10 @@
 //! its view of the controller's namespaces, submits to the bdevs and turns
 //! their completions into responses.
 //!
-//! Exists so that the per-I/O hot path is one file: what it reads per
-//! command is queue-local (channels, slots); the only shared read is the
-//! controller's view generation, once per batch (`refresh_view`).
+//! Exists so that the per-I/O hot path is one file: everything it writes
+//! per command is queue-local (channels, slots); what it reads of the shared
+//! controller (the view generation once per batch in `refresh_view`,
+//! enabled per command) is written only on reconfiguration or teardown.
 //!
 //! Invariants:
 //! * A command reaches a bdev only after `check_io` accepted its opcode,

@@ -84,8 +84,7 @@ impl QueuePair {
         let total = buf.len();
         self.now_ms = self.now_ms.max(now_ms);
         self.born_ms.get_or_insert(now_ms);
-        // One generation check per batch of input, not per command: the
-        // I/O path's only shared read.
+        // One view-generation check per batch of input, not per command.
         self.refresh_view();
         while !buf.is_empty() && !self.stop_rx {
             let used = match self.rx {
