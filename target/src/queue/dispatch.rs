@@ -15,7 +15,7 @@
 use super::*;
 use crate::ctrlr::AdminResult;
 use crate::spec::{SGL_ID_DATA_BLOCK_OFFSET, admin_opc, fctype};
-use rx::{AfterData, DataDest};
+use rx::AfterData;
 
 /// PSDT 11b is reserved (NVMe Base 4.2, Figure 91): Invalid Field.
 const PSDT_RESERVED: u8 = 0b11;
@@ -58,13 +58,12 @@ impl QueuePair {
         if data_len > 0
             && (sgl.id != SGL_ID_DATA_BLOCK_OFFSET || sgl.len as usize != data_len || sgl.addr != 0)
         {
-            self.complete_err(&cmd, Status::INVALID_SGL_DESCRIPTOR.dnr());
-            return self.start_payload(
+            return self.refuse_capsule(
+                &cmd,
+                Status::INVALID_SGL_DESCRIPTOR.dnr(),
                 skip,
                 data_len,
                 has_ddgst,
-                DataDest::Discard,
-                AfterData::Nothing,
             );
         }
         match &self.role {
@@ -77,13 +76,12 @@ impl QueuePair {
             }
             Role2::AwaitConnect => {
                 if cmd.opcode() != admin_opc::FABRICS || cmd.fctype() != fctype::CONNECT {
-                    self.complete_err(&cmd, Status::COMMAND_SEQUENCE_ERROR.dnr());
-                    return self.start_payload(
+                    return self.refuse_capsule(
+                        &cmd,
+                        Status::COMMAND_SEQUENCE_ERROR.dnr(),
                         skip,
                         data_len,
                         has_ddgst,
-                        DataDest::Discard,
-                        AfterData::Nothing,
                     );
                 }
                 if data_len == 0 {
@@ -92,38 +90,14 @@ impl QueuePair {
                     self.complete_err(&cmd, Status::DATA_SGL_LENGTH_INVALID.dnr());
                     return;
                 }
-                self.small_data.clear();
-                self.pending_capsule = Some(cmd);
-                let _ = now_ms;
-                self.start_payload(
-                    skip,
-                    data_len,
-                    has_ddgst,
-                    DataDest::Small,
-                    AfterData::Capsule,
-                )
+                self.receive_small_capsule(cmd, skip, data_len, has_ddgst)
             }
             Role2::Admin { .. } if cmd.flags() >> 6 == PSDT_RESERVED => {
-                self.complete_err(&cmd, Status::INVALID_FIELD.dnr());
-                self.start_payload(
-                    skip,
-                    data_len,
-                    has_ddgst,
-                    DataDest::Discard,
-                    AfterData::Nothing,
-                )
+                self.refuse_capsule(&cmd, Status::INVALID_FIELD.dnr(), skip, data_len, has_ddgst)
             }
             Role2::Admin { .. } => {
                 if data_len > 0 {
-                    self.small_data.clear();
-                    self.pending_capsule = Some(cmd);
-                    return self.start_payload(
-                        skip,
-                        data_len,
-                        has_ddgst,
-                        DataDest::Small,
-                        AfterData::Capsule,
-                    );
+                    return self.receive_small_capsule(cmd, skip, data_len, has_ddgst);
                 }
                 if dir_h2c(cmd.opcode()) && sgl.len > 0 && !is_fabrics_without_data(&cmd) {
                     // Admin commands with host data larger than in-capsule

@@ -130,29 +130,12 @@ impl QueuePair {
         has_ddgst: bool,
     ) {
         match self.check_io(&cmd, data_len) {
-            Err(st) => {
-                self.complete_err(&cmd, st);
-                self.start_payload(
-                    skip,
-                    data_len,
-                    has_ddgst,
-                    DataDest::Discard,
-                    AfterData::Nothing,
-                )
-            }
+            Err(st) => self.refuse_capsule(&cmd, st, skip, data_len, has_ddgst),
             Ok(IoPlan::Dsm) => {
                 if data_len == 0 {
                     return self.complete_err(&cmd, Status::DATA_SGL_LENGTH_INVALID.dnr());
                 }
-                self.small_data.clear();
-                self.pending_capsule = Some(cmd);
-                self.start_payload(
-                    skip,
-                    data_len,
-                    has_ddgst,
-                    DataDest::Small,
-                    AfterData::Capsule,
-                )
+                self.receive_small_capsule(cmd, skip, data_len, has_ddgst)
             }
             Ok(IoPlan::Disconnect) => {
                 self.send_cpl(NvmeCpl::success(cmd.cid()));

@@ -260,6 +260,34 @@ impl QueuePair {
         self.flush_submissions();
     }
 
+    /// Fails `cmd` and still consumes its in-capsule data (digest
+    /// checked), so the stream stays framed.
+    pub(super) fn refuse_capsule(
+        &mut self,
+        cmd: &NvmeCmd,
+        status: Status,
+        skip: usize,
+        len: usize,
+        ddgst: bool,
+    ) {
+        self.complete_err(cmd, status);
+        self.start_payload(skip, len, ddgst, DataDest::Discard, AfterData::Nothing);
+    }
+
+    /// Receives `cmd`'s in-capsule data into `small_data`; `after_data`
+    /// runs the command once it (and its digest) arrived.
+    pub(super) fn receive_small_capsule(
+        &mut self,
+        cmd: NvmeCmd,
+        skip: usize,
+        len: usize,
+        ddgst: bool,
+    ) {
+        self.small_data.clear();
+        self.pending_capsule = Some(cmd);
+        self.start_payload(skip, len, ddgst, DataDest::Small, AfterData::Capsule);
+    }
+
     pub(super) fn start_payload(
         &mut self,
         skip: usize,
