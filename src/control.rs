@@ -37,9 +37,8 @@ use strata_objbacker::{FormatOptions, ObjBacker, ObjBackerConfig, ObjError};
 use strata_target::bdev::Bdev;
 use strata_target::bdev::ram::RamBdev;
 use strata_target::bdev::uring::{UringBdev, UringOptions};
-use strata_target::subsystem::{
-    NamespaceConfig, PortConfig, SubsystemConfig, Target, TargetConfig,
-};
+use strata_target::ctrlr::Target;
+use strata_target::subsystem::{NamespaceConfig, PortConfig, SubsystemConfig, TargetConfig};
 use strata_target::transport::{Transport, TransportConfig};
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot};

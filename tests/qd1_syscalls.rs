@@ -21,7 +21,8 @@ use strata_bench::initiator::ConnectOpts;
 use strata_bench::job::{JobSpec, Rw};
 use strata_bench::load::{self, Progress};
 use strata_target::bdev::ram::RamBdev;
-use strata_target::subsystem::{Target, TargetConfig};
+use strata_target::ctrlr::Target;
+use strata_target::subsystem::TargetConfig;
 use strata_target::transport::{Transport, TransportConfig};
 
 const NQN: &str = "nqn.2026-12.dev.strata:syscalls";

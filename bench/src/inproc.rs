@@ -12,10 +12,11 @@ use std::time::Instant;
 
 use anyhow::{Result, anyhow, bail};
 use strata_target::bdev::ram::RamBdev;
+use strata_target::ctrlr::Target;
 use strata_target::pdu::{self, ICReq};
 use strata_target::queue::{QueueLimits, QueuePair};
 use strata_target::spec::{self, ConnectData, NvmeCmd, SglDescriptor};
-use strata_target::subsystem::{Target, TargetConfig};
+use strata_target::subsystem::TargetConfig;
 
 use crate::job::parse_size;
 

@@ -13,7 +13,8 @@ use strata_target::bdev::ram::RamBdev;
 use strata_target::pdu::{self, ICReq};
 use strata_target::queue::{QueueLimits, QueuePair};
 use strata_target::spec::{self, ConnectData, NvmeCmd, SglDescriptor};
-use strata_target::subsystem::{Target, TargetConfig};
+use strata_target::ctrlr::Target;
+use strata_target::subsystem::TargetConfig;
 
 const NQN: &str = "nqn.2026-11.dev.strata:fuzz";
 const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:fuzz";

@@ -1,21 +1,17 @@
-//! The target's configuration (subsystems, namespaces, ports, ANA states) and
-//! the registry of live controllers.
+//! The target's model: subsystems, namespaces, ports and ANA states, as an
+//! immutable [`TargetConfig`], and the diffs between two of them that
+//! reconfiguration turns into asynchronous events.
 //!
-//! The configuration is an immutable snapshot behind an `Arc`: readers (the
-//! admin path, `Ctrlr::io_view`) clone the `Arc` and never hold a lock while
-//! they work. Live reconfiguration swaps the snapshot and then tells each
-//! affected controller what changed, so asynchronous events are derived from
-//! a diff of two snapshots and cannot drift from what the logs report.
-//!
-//! Lock order: `registry` → `cfg` → a controller's own state. A controller
-//! never takes `registry` or `cfg` while holding its own state lock.
+//! This is the lower layer: it knows nothing of controllers or queues. The
+//! controller layer (`ctrlr`, whose [`crate::ctrlr::Target`] holds the live
+//! snapshot and the registry of controllers) and the discovery log
+//! (`discovery`) read it; nothing here imports them, so the dependencies
+//! point one way.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::bdev::Bdev;
-use crate::ctrlr::Ctrlr;
 
 /// NSIDs a subsystem may use: 1..=MAX_NAMESPACES. Identify Controller reports
 /// this as both NN and MNAN, which keeps the Linux host's ANA log buffer
@@ -209,6 +205,21 @@ impl TargetConfig {
             .unwrap_or(AnaState::Optimized)
     }
 
+    /// What the I/O path of a controller of `nqn` connected through
+    /// `port_id` serves: the active namespaces, sorted by NSID, each with
+    /// the ANA state of its group on that port. None where the subsystem is
+    /// not reachable through the port.
+    pub fn io_namespaces(&self, nqn: &str, port_id: u16) -> Vec<(&NamespaceConfig, AnaState)> {
+        self.subsystem_on_port(nqn, port_id)
+            .map(|sub| {
+                sub.active_namespaces()
+                    .into_iter()
+                    .map(|ns| (ns, self.ana_state(port_id, ns.effective_anagrpid())))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// The ANA log content of a subsystem on a port, as (group → (state,
     /// NSIDs)): one entry per group that has namespaces.
     pub fn ana_groups(&self, nqn: &str, port_id: u16) -> BTreeMap<u32, (AnaState, Vec<u32>)> {
@@ -227,7 +238,9 @@ impl TargetConfig {
     }
 
     /// Everything that shapes some host's discovery log page.
-    fn discovery_fingerprint(&self) -> Vec<(String, bool, Vec<String>, Vec<PortConfig>)> {
+    pub(crate) fn discovery_fingerprint(
+        &self,
+    ) -> Vec<(String, bool, Vec<String>, Vec<PortConfig>)> {
         self.subsystems
             .iter()
             .map(|s| {
@@ -248,233 +261,29 @@ impl TargetConfig {
     }
 }
 
-/// Controllers by (subsystem NQN, CNTLID), plus the next CNTLID to try per
-/// subsystem.
-#[derive(Default)]
-pub(crate) struct Registry {
-    pub(crate) ctrls: BTreeMap<(String, u16), Arc<Ctrlr>>,
-    next_cntlid: HashMap<String, u16>,
-}
-
-/// Dynamic-model CNTLIDs: 1..=FFEFh (FFF0h and up are reserved).
-pub const CNTLID_MIN: u16 = 1;
-pub const CNTLID_MAX: u16 = 0xFFEF;
-
-impl Registry {
-    /// Allocates a CNTLID unique within `subnqn`. Allocation continues after
-    /// the last one handed out instead of reusing the lowest free one, so a
-    /// host reconnecting right after a teardown gets a different CNTLID and
-    /// cannot confuse the old association with the new one.
-    pub(crate) fn alloc_cntlid(&mut self, subnqn: &str) -> Option<u16> {
-        let span = u32::from(CNTLID_MAX - CNTLID_MIN) + 1;
-        let start = self
-            .next_cntlid
-            .get(subnqn)
-            .copied()
-            .unwrap_or(CNTLID_MIN)
-            .clamp(CNTLID_MIN, CNTLID_MAX);
-        for i in 0..span {
-            let off = (u32::from(start - CNTLID_MIN) + i) % span;
-            let id = CNTLID_MIN + off as u16;
-            if !self.ctrls.contains_key(&(subnqn.to_owned(), id)) {
-                let next = if id == CNTLID_MAX { CNTLID_MIN } else { id + 1 };
-                self.next_cntlid.insert(subnqn.to_owned(), next);
-                return Some(id);
-            }
-        }
-        None
-    }
-}
-
-pub struct Target {
-    pub(crate) cfg: RwLock<Arc<TargetConfig>>,
-    pub(crate) registry: Mutex<Registry>,
-    /// Shared with every controller so the I/O path reads it without
-    /// touching the target.
-    pub(crate) generation: Arc<AtomicU64>,
-    /// ANA log CHGCNT: one counter for the whole target, as nvmet does, so it
-    /// only ever grows whatever port or subsystem changed.
-    pub(crate) ana_chgcnt: AtomicU64,
-    /// Discovery log GENCTR.
-    pub(crate) disc_genctr: AtomicU64,
-}
-
-/// Poisoning only records that another thread panicked while holding the
-/// lock; the data is still a consistent snapshot, so keep serving.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-impl Target {
-    pub fn new(cfg: TargetConfig) -> Arc<Target> {
-        Arc::new(Target {
-            cfg: RwLock::new(Arc::new(cfg)),
-            registry: Mutex::new(Registry::default()),
-            generation: Arc::new(AtomicU64::new(1)),
-            ana_chgcnt: AtomicU64::new(1),
-            disc_genctr: AtomicU64::new(1),
+/// Whether the I/O path of a controller of `nqn` on `port_id` serves
+/// something else under `new` than under `old`: other NSIDs, other bdevs
+/// (by identity: a reopened device is a new one, even where the host sees
+/// no change) or other ANA states.
+pub(crate) fn io_view_changed(
+    old: &TargetConfig,
+    new: &TargetConfig,
+    nqn: &str,
+    port_id: u16,
+) -> bool {
+    let (a, b) = (
+        old.io_namespaces(nqn, port_id),
+        new.io_namespaces(nqn, port_id),
+    );
+    a.len() != b.len()
+        || a.iter().zip(&b).any(|((x, xs), (y, ys))| {
+            x.nsid != y.nsid || !Arc::ptr_eq(&x.bdev, &y.bdev) || xs != ys
         })
-    }
-
-    pub(crate) fn snapshot(&self) -> Arc<TargetConfig> {
-        self.cfg.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// Live reconfiguration (SIGHUP): replaces the config. Namespaces
-    /// added/removed/resized → Namespace Attribute Changed AEN (+ Changed NS
-    /// List log) to the live controllers of that subsystem; ANA state changes
-    /// on a port → ANA Change AEN to controllers connected through that port;
-    /// any change visible in the discovery log → Discovery Log Change AEN to
-    /// discovery controllers. Controllers of hosts no longer allowed, of
-    /// removed subsystems, or whose port no longer exports the subsystem are
-    /// destroyed. Bumps the generation.
-    pub fn apply(&self, cfg: TargetConfig) {
-        let mut reg = lock(&self.registry);
-        self.apply_locked(&mut reg, cfg);
-    }
-
-    fn apply_locked(&self, reg: &mut Registry, cfg: TargetConfig) {
-        let new = Arc::new(cfg);
-        let old = {
-            let mut w = self.cfg.write().unwrap_or_else(|e| e.into_inner());
-            std::mem::replace(&mut *w, new.clone())
-        };
-
-        let mut doomed = Vec::new();
-        let mut ns_notices: Vec<(Arc<Ctrlr>, Vec<u32>)> = Vec::new();
-        let mut ana_notices = Vec::new();
-        let mut disc_notices = Vec::new();
-        let mut ana_log_changed = false;
-        let disc_changed = old.discovery_fingerprint() != new.discovery_fingerprint();
-
-        for (key, c) in &reg.ctrls {
-            if c.is_discovery() {
-                if disc_changed
-                    && crate::discovery::discovery_log(&old, c.hostnqn(), 0)
-                        != crate::discovery::discovery_log(&new, c.hostnqn(), 0)
-                {
-                    disc_notices.push(c.clone());
-                }
-                continue;
-            }
-            let Some(nsub) = new.subsystem_on_port(c.subnqn(), c.port_id()) else {
-                doomed.push(key.clone());
-                continue;
-            };
-            if !nsub.host_allowed(c.hostnqn()) {
-                doomed.push(key.clone());
-                continue;
-            }
-            let changed = changed_nsids(old.subsystem(c.subnqn()), nsub);
-            if !changed.is_empty() {
-                ns_notices.push((c.clone(), changed));
-            }
-            let og = old.ana_groups(c.subnqn(), c.port_id());
-            let ng = new.ana_groups(c.subnqn(), c.port_id());
-            if og != ng {
-                ana_log_changed = true;
-            }
-            // Group membership changes come with a Namespace Attribute
-            // Changed event, after which the host re-reads the ANA log
-            // anyway; the ANA Change notice is for state transitions (as
-            // nvmet sends it).
-            if og
-                .iter()
-                .any(|(g, (st, _))| ng.get(g).is_some_and(|(nst, _)| nst != st))
-            {
-                ana_notices.push(c.clone());
-            }
-        }
-
-        for key in doomed {
-            if let Some(c) = reg.ctrls.remove(&key) {
-                c.mark_destroyed();
-            }
-        }
-        if ana_log_changed {
-            self.ana_chgcnt.fetch_add(1, Ordering::AcqRel);
-        }
-        if disc_changed {
-            self.disc_genctr.fetch_add(1, Ordering::AcqRel);
-        }
-        // Bumped before the events go out so a host reacting to an event
-        // already sees the new view on its I/O queues.
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        for (c, nsids) in ns_notices {
-            c.notice_ns_changed(&nsids);
-        }
-        for c in ana_notices {
-            c.notice_ana_change();
-        }
-        for c in disc_notices {
-            c.notice_disc_change();
-        }
-    }
-
-    /// Sets one port's ANA state for one group and sends the ANA Change AEN
-    /// to the controllers on that port whose ANA log changed.
-    pub fn set_ana_state(&self, port_id: u16, anagrpid: u32, state: AnaState) {
-        let mut reg = lock(&self.registry);
-        let mut cfg = TargetConfig::clone(&self.snapshot());
-        let Some(port) = cfg.ports.iter_mut().find(|p| p.id == port_id) else {
-            tracing::warn!(port_id, "set_ana_state: no such port");
-            return;
-        };
-        port.ana.insert(anagrpid, state);
-        self.apply_locked(&mut reg, cfg);
-    }
-
-    /// Bumped on every change that the I/O path must see (namespaces, ANA
-    /// states, controller destruction).
-    pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
-    }
-
-    pub fn config(&self) -> TargetConfig {
-        TargetConfig::clone(&self.snapshot())
-    }
-
-    /// Live controllers (for logs and tests).
-    pub fn controllers(&self) -> Vec<Arc<Ctrlr>> {
-        lock(&self.registry).ctrls.values().cloned().collect()
-    }
-
-    /// Destroys every controller whose keep-alive expired. The admin
-    /// connection normally notices first; this sweep is the backstop for a
-    /// controller whose connection task is gone or wedged, so no CNTLID
-    /// stays allocated for ever.
-    pub fn reap_expired_controllers(&self, now_ms: u64) -> usize {
-        let expired: Vec<Arc<Ctrlr>> = lock(&self.registry)
-            .ctrls
-            .values()
-            .filter(|c| c.kato_expired(now_ms))
-            .cloned()
-            .collect();
-        for c in &expired {
-            tracing::warn!(
-                cntlid = c.cntlid(),
-                hostnqn = c.hostnqn(),
-                "keep-alive expired: controller reaped by the registry sweep"
-            );
-            c.destroy();
-        }
-        expired.len()
-    }
-
-    /// Removes one controller; used by `Ctrlr::destroy`.
-    pub(crate) fn unregister(&self, subnqn: &str, cntlid: u16) {
-        let removed = lock(&self.registry)
-            .ctrls
-            .remove(&(subnqn.to_owned(), cntlid));
-        if removed.is_some() {
-            self.generation.fetch_add(1, Ordering::AcqRel);
-        }
-    }
 }
 
 /// NSIDs whose host-visible attributes differ between two versions of a
 /// subsystem (added, removed, resized, re-identified or regrouped).
-fn changed_nsids(old: Option<&SubsystemConfig>, new: &SubsystemConfig) -> Vec<u32> {
+pub(crate) fn changed_nsids(old: Option<&SubsystemConfig>, new: &SubsystemConfig) -> Vec<u32> {
     let old_ns: BTreeMap<u32, _> = old
         .map(|s| s.active_namespaces())
         .unwrap_or_default()

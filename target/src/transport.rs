@@ -28,8 +28,8 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, watch};
 
+use crate::ctrlr::Target;
 use crate::queue::{CloseReason, QueueLimits, QueuePair};
-use crate::subsystem::Target;
 
 /// Bytes read per `read` call. Large enough that a burst of 4 KiB
 /// in-capsule writes arrives in one syscall.

@@ -4,12 +4,23 @@
 //! One [`Ctrlr`] is shared by its admin connection and its I/O connections,
 //! which run on different threads. Admin state sits behind a `Mutex` (the
 //! admin queue is cold); what the I/O path reads per batch (destroyed,
-//! enabled, keep-alive activity, the namespace view generation) is atomic.
+//! enabled, the namespace view generation) is atomic and, in steady state,
+//! only read.
+//!
+//! No cache line is written by more than one queue per I/O:
+//! * Keep-alive activity is one slot per queue ([`ActivitySlot`], indexed by
+//!   QID), each on its own cache line and written only by its queue with a
+//!   plain load and store. The keep-alive check, which runs about once a
+//!   second, reads every slot; the I/O path, which runs per batch, writes one.
+//! * The view generation is per controller: it moves only when this
+//!   controller's view of its namespaces changes (a reconfiguration that
+//!   changes what it sees, or its own teardown), so nothing done to another
+//!   controller, in this subsystem or another, makes its queues rebuild.
 //!
 //! Decisions worth knowing:
 //! * Keep Alive: KATO is kept with 1 s granularity (KAS = 10 × 100 ms, as
 //!   nvmet) and expires strictly after KATO without any admin command, Keep
-//!   Alive or I/O [`Ctrlr::touch`], as SPDK does. No extra grace: the host
+//!   Alive or I/O on any of its queues ([`Ctrlr::touch`]), as SPDK does. No extra grace: the host
 //!   sends Keep Alive every KATO/2, which already leaves half a period of
 //!   slack, and counting I/O as activity (like nvmet's traffic-based keep
 //!   alive) covers hosts whose Keep Alive is stuck behind I/O.
@@ -21,6 +32,7 @@
 //!   controller reset or teardown drops them; the host aborts its own).
 
 mod admin;
+mod target;
 #[cfg(test)]
 mod tests;
 
@@ -33,7 +45,9 @@ use crate::bdev::Bdev;
 use crate::spec::{
     CONNECT_DATA_LEN, ConnectData, DISCOVERY_NQN, NvmeCmd, NvmeCpl, Status, admin_opc, fctype,
 };
-use crate::subsystem::{AnaState, Target, TargetConfig, lock};
+use crate::subsystem::{AnaState, TargetConfig};
+use target::lock;
+pub use target::{CNTLID_MAX, CNTLID_MIN, Target};
 
 /// In-capsule data the transport accepts with a command (IOCCSZ derives
 /// from it).
@@ -167,9 +181,17 @@ pub(crate) struct AdminState {
     pub(crate) changed_ns_overflow: bool,
 }
 
+/// One queue's latest activity (ms), alone on its cache line. 128 bytes,
+/// not 64: x86's adjacent-line prefetcher fetches lines in pairs, so two
+/// queues' slots 64 bytes apart would still contend.
+#[repr(align(128))]
+#[derive(Default)]
+struct ActivitySlot(AtomicU64);
+
 pub struct Ctrlr {
     target: Weak<Target>,
-    generation: Arc<AtomicU64>,
+    /// Moves when this controller's [`IoView`] must be rebuilt.
+    generation: AtomicU64,
     cntlid: u16,
     subnqn: String,
     hostnqn: String,
@@ -177,7 +199,9 @@ pub struct Ctrlr {
     port_id: u16,
     discovery: bool,
     kato_ms: AtomicU64,
-    last_activity_ms: AtomicU64,
+    /// Indexed by QID: 0 is the admin queue, 1..=MAX_IO_QUEUES the I/O
+    /// queues. Each queue writes only its own slot.
+    activity: Box<[ActivitySlot]>,
     destroyed: AtomicBool,
     enabled: AtomicBool,
     state: Mutex<AdminState>,
@@ -437,7 +461,7 @@ pub fn connect_explained(
         );
     }
     drop(st);
-    ctrlr.touch(now_ms);
+    ctrlr.touch(qid, now_ms);
     let dw0 = u32::from(ctrlr.cntlid);
     Ok((
         Connected::Io { ctrlr, qid, sqsize },
@@ -473,9 +497,13 @@ impl Ctrlr {
         now_ms: u64,
     ) -> Self {
         let discovery = d.subnqn == DISCOVERY_NQN;
+        let activity: Box<[ActivitySlot]> = (0..=MAX_IO_QUEUES)
+            .map(|_| ActivitySlot::default())
+            .collect();
+        activity[0].0.store(now_ms, Ordering::Relaxed);
         Ctrlr {
             target: Arc::downgrade(target),
-            generation: target.generation.clone(),
+            generation: AtomicU64::new(1),
             cntlid,
             subnqn: d.subnqn.clone(),
             hostnqn: d.hostnqn.clone(),
@@ -483,7 +511,7 @@ impl Ctrlr {
             port_id,
             discovery,
             kato_ms: AtomicU64::new(kato_ms),
-            last_activity_ms: AtomicU64::new(now_ms),
+            activity,
             destroyed: AtomicBool::new(false),
             enabled: AtomicBool::new(false),
             state: Mutex::new(AdminState::new(discovery, kato_ms)),
@@ -526,14 +554,14 @@ impl Ctrlr {
     /// with the command (may be empty; no supported command takes any).
     /// Resets the keep-alive timer.
     pub fn exec_admin(&self, cmd: &NvmeCmd, _data_in: &[u8], now_ms: u64) -> AdminResult {
-        self.touch(now_ms);
+        self.touch(0, now_ms);
         if self.is_destroyed() {
             return AdminResult::Complete {
                 cpl: NvmeCpl::new(cmd.cid(), Status::ABORTED_SQ_DELETION),
                 data: Vec::new(),
             };
         }
-        // Taken before the state lock: see the lock order in `subsystem`.
+        // Taken before the state lock: see the lock order in `target`.
         let cfg = self.snapshot();
         let ana_chgcnt = self
             .target
@@ -582,9 +610,26 @@ impl Ctrlr {
         }
     }
 
-    /// Any command activity (I/O queues call this once per batch).
-    pub fn touch(&self, now_ms: u64) {
-        self.last_activity_ms.fetch_max(now_ms, Ordering::Relaxed);
+    /// Command activity on queue `qid` (0 = admin; I/O queues call this
+    /// once per batch). Never moves the timer backwards. A queue is the only
+    /// writer of its slot, so a load and a store do what a `fetch_max` did
+    /// without a read-modify-write, and the store is skipped within the same
+    /// millisecond.
+    pub fn touch(&self, qid: u16, now_ms: u64) {
+        if let Some(slot) = self.activity.get(usize::from(qid))
+            && slot.0.load(Ordering::Relaxed) < now_ms
+        {
+            slot.0.store(now_ms, Ordering::Relaxed);
+        }
+    }
+
+    /// The latest activity on any queue.
+    fn last_activity_ms(&self) -> u64 {
+        self.activity
+            .iter()
+            .map(|s| s.0.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0)
     }
 
     /// KATO in ms (0 = disabled).
@@ -593,11 +638,11 @@ impl Ctrlr {
     }
 
     /// True if KATO is enabled and nothing (admin command, Keep Alive or I/O
-    /// `touch`) arrived for longer than KATO. No grace beyond KATO (see the
-    /// module docs).
+    /// `touch` on any queue) arrived for longer than KATO. No grace beyond
+    /// KATO (see the module docs).
     pub fn kato_expired(&self, now_ms: u64) -> bool {
         let kato = self.kato_ms();
-        kato != 0 && now_ms.saturating_sub(self.last_activity_ms.load(Ordering::Relaxed)) > kato
+        kato != 0 && now_ms.saturating_sub(self.last_activity_ms()) > kato
     }
 
     /// Removes the controller from the registry (host went silent, admin
@@ -607,6 +652,7 @@ impl Ctrlr {
             return;
         }
         self.enabled.store(false, Ordering::Release);
+        self.view_changed();
         if let Some(t) = self.target.upgrade() {
             t.unregister(&self.subnqn, self.cntlid);
         }
@@ -618,6 +664,7 @@ impl Ctrlr {
     pub(crate) fn mark_destroyed(&self) {
         if !self.destroyed.swap(true, Ordering::AcqRel) {
             self.enabled.store(false, Ordering::Release);
+            self.view_changed();
             self.wake();
             tracing::info!(cntlid = self.cntlid, subnqn = %self.subnqn, "controller removed by reconfiguration");
         }
@@ -632,9 +679,16 @@ impl Ctrlr {
         self.enabled.load(Ordering::Acquire) && !self.is_destroyed()
     }
 
-    /// The target generation the current `io_view` must match.
+    /// The generation the current `io_view` must match.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    /// This controller's view must be rebuilt: called after the state it is
+    /// built from (the config snapshot, `destroyed`) is stored, so a view is
+    /// never newer-tagged than its data.
+    pub(crate) fn view_changed(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// An I/O queue of this controller closed; its QID may be connected again.
@@ -643,7 +697,7 @@ impl Ctrlr {
     }
 
     /// The I/O path's view of namespaces for this controller's subsystem and
-    /// port. Rebuilt only when the target generation moved.
+    /// port. Rebuilt only when this controller's generation moved.
     pub fn io_view(&self) -> Arc<IoView> {
         // Generation before config: the config is stored before the
         // generation is bumped, so a view is never newer-tagged than its data.
@@ -654,15 +708,12 @@ impl Ctrlr {
         }
         let cfg = self.snapshot();
         let mut namespaces = Vec::new();
-        if !self.discovery
-            && !self.is_destroyed()
-            && let Some(sub) = cfg.subsystem_on_port(&self.subnqn, self.port_id)
-        {
-            for ns in sub.active_namespaces() {
+        if !self.discovery && !self.is_destroyed() {
+            for (ns, ana_state) in cfg.io_namespaces(&self.subnqn, self.port_id) {
                 namespaces.push(IoNamespace {
                     nsid: ns.nsid,
                     bdev: ns.bdev.clone(),
-                    ana_state: cfg.ana_state(self.port_id, ns.effective_anagrpid()),
+                    ana_state,
                 });
             }
         }

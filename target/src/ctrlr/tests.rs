@@ -320,7 +320,7 @@ fn admin_connect_allocates_unique_cntlids() {
 
 #[test]
 fn cntlid_allocation_wraps_and_reports_busy_when_exhausted() {
-    let mut reg = crate::subsystem::Registry::default();
+    let mut reg = super::target::Registry::default();
     let one = admin_connect(&Target::new(cfg()), 1, SUB1, HOST1);
     let mut n = 0u32;
     while let Some(id) = reg.alloc_cntlid("nqn.x") {
@@ -974,9 +974,9 @@ fn aer_parking_limit_and_delivery_after_set_ana_state() {
     assert!(matches!(aer(&c2, 1), AdminResult::Deferred));
     assert!(c1.take_events().is_empty());
 
-    let gen0 = t.generation();
+    let gen0 = c1.generation();
     t.set_ana_state(1, 2, AnaState::Inaccessible);
-    assert!(t.generation() > gen0);
+    assert!(c1.generation() > gen0);
     let ev = c1.take_events();
     assert_eq!(ev.len(), 1);
     assert_eq!((ev[0].cid, ev[0].dw0), (100, AEN_ANA_CHANGE));
@@ -1090,9 +1090,9 @@ fn aer_after_apply_adding_resizing_and_removing_namespaces() {
     // Re-applying the same config (even with reopened bdevs) is no change.
     assert!(matches!(aer(&c, 3), AdminResult::Deferred));
     cfg.subsystems[0].namespaces[0].bdev = bdev(1 << 21, 4096, false);
-    let g = t.generation();
+    let g = c.generation();
     t.apply(cfg.clone());
-    assert!(t.generation() > g, "the I/O path must pick up the new bdev");
+    assert!(c.generation() > g, "the I/O path must pick up the new bdev");
     assert!(c.take_events().is_empty());
 
     // Moving a namespace to another ANA group is a namespace change; the
@@ -1144,11 +1144,11 @@ fn keep_alive_timeout() {
     assert_eq!(c.kato_ms(), 2000);
     assert!(!c.kato_expired(3000));
     assert!(c.kato_expired(3001));
-    c.touch(2500);
+    c.touch(0, 2500);
     assert!(!c.kato_expired(4500));
     assert!(c.kato_expired(4501));
     // touch never moves the timer backwards.
-    c.touch(100);
+    c.touch(0, 100);
     assert!(!c.kato_expired(4500));
     // Any admin command, Keep Alive included, counts.
     let _ = c.exec_admin(&admin(admin_opc::KEEP_ALIVE, 0, 0, 0), &[], 10_000);
@@ -1195,9 +1195,9 @@ fn destroy_on_host_or_subsystem_removal_via_apply() {
 
     let mut cfg = t.config();
     cfg.subsystems[0].hosts.retain(|h| h != HOST1);
-    let g = t.generation();
+    let g = c1.generation();
     t.apply(cfg.clone());
-    assert!(t.generation() > g);
+    assert!(c1.generation() > g);
     assert!(c1.is_destroyed() && !c1.is_enabled());
     assert!(w1.0.load(Ordering::SeqCst) >= 1, "admin connection woken");
     assert!(!c2.is_destroyed() && !c3.is_destroyed());
@@ -1220,12 +1220,12 @@ fn destroy_on_host_or_subsystem_removal_via_apply() {
     // Explicit destroy is idempotent and unregisters.
     let t = Target::new(self::cfg());
     let c = bring_up(&t, 1, SUB1, HOST1);
-    let g = t.generation();
+    let g = c.generation();
     c.destroy();
     c.destroy();
     assert!(c.is_destroyed());
     assert!(t.controllers().is_empty());
-    assert_eq!(t.generation(), g + 1);
+    assert_eq!(c.generation(), g + 1);
 }
 
 #[test]
@@ -1237,7 +1237,7 @@ fn io_view_ana_states_per_port() {
     let c2 = bring_up(&t, 2, SUB1, HOST1);
     let v1 = c1.io_view();
     let v2 = c2.io_view();
-    assert_eq!(v1.generation, t.generation());
+    assert_eq!(v1.generation, c1.generation());
     assert_eq!(v1.get(2).unwrap().ana_state, AnaState::Optimized);
     assert_eq!(v2.get(2).unwrap().ana_state, AnaState::NonOptimized);
     assert_eq!(v2.get(1).unwrap().ana_state, AnaState::Optimized);
@@ -1253,6 +1253,70 @@ fn io_view_ana_states_per_port() {
     // Same NSIDs on every controller of the subsystem.
     let ids = |v: &IoView| v.namespaces.iter().map(|n| n.nsid).collect::<Vec<_>>();
     assert_eq!(ids(&v1b), ids(&c2.io_view()));
+}
+
+/// A teardown, or a reconfiguration of one subsystem, moves the view
+/// generation of no controller it does not concern, so none of their queues
+/// rebuild.
+#[test]
+fn view_generations_move_only_for_the_controllers_concerned() {
+    let t = Target::new(cfg());
+    let a1 = bring_up(&t, 1, SUB1, HOST1);
+    let a2 = bring_up(&t, 1, SUB1, HOST2);
+    let b = bring_up(&t, 1, SUB2, HOST1);
+    let (va2, vb) = (a2.io_view(), b.io_view());
+    let (ga1, ga2, gb) = (a1.generation(), a2.generation(), b.generation());
+
+    a1.destroy();
+    assert!(a1.generation() > ga1, "its own queues drop their channels");
+    assert_eq!(b.generation(), gb, "subsystem B is untouched");
+    assert_eq!(a2.generation(), ga2, "so is another controller of A");
+    assert!(Arc::ptr_eq(&vb, &b.io_view()));
+    assert!(Arc::ptr_eq(&va2, &a2.io_view()));
+
+    // Resizing SUB1's namespace is a new view for SUB1's controllers only.
+    let mut cfg = t.config();
+    cfg.subsystems[0].namespaces[0].bdev = bdev(1 << 21, 4096, false);
+    t.apply(cfg.clone());
+    assert!(a2.generation() > ga2);
+    assert_eq!(b.generation(), gb);
+    // A reload that changes nothing either leaves every view alone.
+    let ga2 = a2.generation();
+    t.apply(cfg);
+    assert_eq!((a2.generation(), b.generation()), (ga2, gb));
+    // An ANA change on a group SUB2 has no namespace in is none of its
+    // business.
+    t.set_ana_state(1, 2, AnaState::Inaccessible);
+    assert!(a2.generation() > ga2);
+    assert_eq!(b.generation(), gb);
+    assert!(Arc::ptr_eq(&vb, &b.io_view()));
+}
+
+/// Keep Alive counts activity on any queue: each queue has its own slot,
+/// and the check takes the latest of them.
+#[test]
+fn io_on_one_queue_keeps_the_controller_alive_while_others_idle() {
+    let t = Target::new(cfg());
+    let c = match connect(
+        &t,
+        1,
+        &connect_cmd(0, 31, 2000),
+        &cdata(SUB1, HOST1, 0xFFFF),
+        1000,
+    ) {
+        Ok((Connected::Admin { ctrlr }, _)) => ctrlr,
+        _ => panic!(),
+    };
+    for now in (2000..=10_000).step_by(1000) {
+        c.touch(1, now);
+        assert!(!c.kato_expired(now + 2000), "queue 1 is busy at {now}");
+    }
+    assert!(c.kato_expired(12_001), "KATO after the last I/O");
+    c.touch(MAX_IO_QUEUES, 12_000);
+    assert!(!c.kato_expired(14_000), "the highest QID has a slot too");
+    // A QID no Connect can name is ignored rather than counted elsewhere.
+    c.touch(MAX_IO_QUEUES + 1, 20_000);
+    assert!(c.kato_expired(14_001));
 }
 
 #[test]
