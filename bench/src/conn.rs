@@ -213,18 +213,30 @@ impl Conn {
         let buf = &mut self.rbuf[self.rlen..];
         let fd = self.sock.as_raw_fd();
         // Optional busy-poll before a blocking recv, as spdk_nvme_perf
-        // polls: removes the initiator's own wakeup from QD1 latency.
+        // polls: removes the initiator's own wakeup from QD1 latency. It
+        // polls with a zero-timeout `poll`, not an empty `recv`: an empty
+        // recv takes the socket lock the target's transmit path needs to
+        // deliver into this socket (the target's driver made the same
+        // change, see docs/ARCHITECTURE.md "The QD1 round trip").
         let spin = poll_window();
         let mut n = -1;
         if flags == 0 && !spin.is_zero() {
             let t0 = std::time::Instant::now();
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
             while t0.elapsed() < spin {
-                // SAFETY: buf is valid writable memory of the given length.
-                n = unsafe {
-                    libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT)
-                };
-                if n >= 0 || std::io::Error::last_os_error().kind() != ErrorKind::WouldBlock {
-                    break;
+                // SAFETY: one valid pollfd; a zero timeout never blocks.
+                if unsafe { libc::poll(&mut pfd, 1, 0) } != 0 {
+                    // SAFETY: buf is valid writable memory of the given length.
+                    n = unsafe {
+                        libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT)
+                    };
+                    if n >= 0 || std::io::Error::last_os_error().kind() != ErrorKind::WouldBlock {
+                        break;
+                    }
                 }
             }
         }
