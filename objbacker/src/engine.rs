@@ -1305,7 +1305,8 @@ impl Inner {
                 Some(k) => k,
                 None => {
                     if st.streams.len() >= MAX_STREAMS
-                        && let Some(lru) = (0..st.streams.len()).min_by_key(|&k| st.streams[k].last_use)
+                        && let Some(lru) =
+                            (0..st.streams.len()).min_by_key(|&k| st.streams[k].last_use)
                     {
                         st.streams.swap_remove(lru);
                     }
@@ -1344,8 +1345,7 @@ impl Inner {
                     .fetching
                     .get(&j)
                     .is_some_and(|f| f.prefetch.is_some() || f.whole > 0);
-                if !(fetching || st.cache.contains_key(&j) || st.objs.contains_key(&j))
-                {
+                if !(fetching || st.cache.contains_key(&j) || st.objs.contains_key(&j)) {
                     if st.cache.len() + st.prefetches >= cap {
                         // Make room by the oldest cached object; with none,
                         // the window waits for the next read.
@@ -1480,7 +1480,14 @@ impl Inner {
                     let whole = gaps[..] == [(0, len)];
                     f.demand += 1;
                     f.whole += u32::from(whole);
-                    break (gaps, DemandGuard { inner: self, i, whole });
+                    break (
+                        gaps,
+                        DemandGuard {
+                            inner: self,
+                            i,
+                            whole,
+                        },
+                    );
                 }
             }
             notified.await;

@@ -20,12 +20,12 @@ use object_store::{
     CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
     PutMultipartOptions, PutOptions, PutPayload, PutResult, Result,
 };
+use std::future::poll_fn;
+use std::task::Poll;
 use strata_objbacker::{
     FaultConfig, FaultyStore, FormatOptions, Latency, ObjBacker, format_with_stores,
 };
 use strata_target::bdev::{Bdev, BdevIo, IoBuf, IoOp};
-use std::future::poll_fn;
-use std::task::Poll;
 
 const OBJ: u64 = 128 * KIB;
 const N: u64 = 256;
@@ -99,9 +99,7 @@ impl ObjectStore for Counting {
 /// re-attached through counting stores with small per-request latency so
 /// that read-ahead and demand GETs overlap. Returns the device and the
 /// per-key GET counts.
-async fn setup(
-    readahead: usize,
-) -> (Arc<ObjBacker>, Arc<Mutex<HashMap<String, u64>>>, Vec<u8>) {
+async fn setup(readahead: usize) -> (Arc<ObjBacker>, Arc<Mutex<HashMap<String, u64>>>, Vec<u8>) {
     let mut cfg = test_cfg(mem_urls(3), N * OBJ, OBJ);
     let mem: Vec<Arc<dyn ObjectStore>> = (0..3)
         .map(|_| Arc::new(InMemory::new()) as Arc<dyn ObjectStore>)
@@ -195,7 +193,10 @@ fn check_once(gets: &Mutex<HashMap<String, u64>>, what: &str) {
     let g = gets.lock().unwrap();
     let total: u64 = g.values().sum();
     let twice: Vec<_> = g.iter().filter(|&(_, &n)| n != 1).collect();
-    assert!(twice.is_empty(), "{what}: objects not fetched exactly once: {twice:?}");
+    assert!(
+        twice.is_empty(),
+        "{what}: objects not fetched exactly once: {twice:?}"
+    );
     assert_eq!(g.len() as u64, N, "{what}: every object fetched");
     assert_eq!(total, N, "{what}: GETs per object read");
     // Keys are data objects of this device only: nothing past the end.
@@ -244,6 +245,9 @@ async fn small_sequential_reads_fetch_each_object_once() {
     let first = g.remove("dev/00000000").unwrap_or(0);
     assert!((1..=2).contains(&first), "object 0: {first} GETs");
     let extra: Vec<_> = g.iter().filter(|&(_, &n)| n != 1).collect();
-    assert!(extra.is_empty(), "objects fetched more than once: {extra:?}");
+    assert!(
+        extra.is_empty(),
+        "objects fetched more than once: {extra:?}"
+    );
     assert_eq!(g.len() as u64, N - 1);
 }

@@ -42,7 +42,10 @@ async fn sequential_whole_object_writes_do_not_wait_for_their_put_but_flush_does
     }
     // Every write completed although object 3's PUT cannot have.
     assert!(!probe.landed(), "held PUT landed before release");
-    assert!(dev.dirty_bytes() >= OBJ, "object 3 is held in the write cache");
+    assert!(
+        dev.dirty_bytes() >= OBJ,
+        "object 3 is held in the write cache"
+    );
     // Reads see the acknowledged data meanwhile.
     assert_same(
         &h.read(3 * OBJ, OBJ).await.unwrap(),
@@ -75,9 +78,7 @@ async fn fua_and_isolated_whole_object_writes_wait_for_their_put() {
     h.write(0, &pattern(0, OBJ, 2), false).await.unwrap();
     *probe.delay_put.lock().unwrap() = Some(("dev/00000001".into(), 1, None));
     let d = dev.clone();
-    let fua = tokio::spawn(async move {
-        d.write_at(OBJ, pattern(OBJ, OBJ, 2).into(), true).await
-    });
+    let fua = tokio::spawn(async move { d.write_at(OBJ, pattern(OBJ, OBJ, 2).into(), true).await });
     eventually("the FUA PUT is in flight", WAIT, || {
         probe.puts_in_flight() == 1
     })
@@ -98,7 +99,10 @@ async fn fua_and_isolated_whole_object_writes_wait_for_their_put() {
             .await
     });
     eventually("the PUT is in flight", WAIT, || probe.puts_in_flight() == 1).await;
-    assert!(!lone.is_finished(), "isolated write completed before its PUT");
+    assert!(
+        !lone.is_finished(),
+        "isolated write completed before its PUT"
+    );
     probe.release();
     lone.await.unwrap().unwrap();
     assert_same(
