@@ -97,8 +97,12 @@ impl BdevChannel for ObjChannel {
                 let Some(mut buf) = buf.filter(|b| b.len() as u64 >= len) else {
                     return self.complete(tag, Err(IoError::Internal), None);
                 };
+                // Noted here, in submission order, so stream detection
+                // sees the host's order whatever order the tasks run in.
+                let ticket = inner.begin_read(off, len);
                 self.dev.handle.spawn(async move {
                     let r = inner.read(off, &mut buf[..len as usize]).await;
+                    drop(ticket);
                     done(r.map_err(|_| IoError::ReadError), Some(buf));
                 });
             }

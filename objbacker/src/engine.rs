@@ -97,8 +97,18 @@ pub(crate) enum Layer {
     /// Object-sized buffer; bytes outside `cov` are not yet known (they
     /// are whatever the store holds) and are zero in `data`.
     Buf { data: Vec<u8>, cov: Coverage },
+    /// A whole-object host write taken into the write cache: the host's
+    /// own buffer, PUT as is (no copy).
+    Whole(Bytes),
     /// The whole object is zero: written back as DELETE.
     Zero,
+}
+
+impl Layer {
+    /// Counted in `dirty_bytes` (one object length).
+    fn holds_bytes(&self) -> bool {
+        !matches!(self, Layer::Zero)
+    }
 }
 
 /// Content being made durable right now.
@@ -179,17 +189,27 @@ enum Cached {
 
 struct State {
     objs: HashMap<u64, Obj>,
-    /// Bytes held by Buf layers (object length each).
+    /// Bytes held by Buf and Whole layers (object length each).
     dirty_bytes: u64,
     next_ver: u64,
     fail_seq: u64,
     busy_count: usize,
     cache: HashMap<u64, Cached>,
     cache_order: VecDeque<u64>,
-    /// Read-ahead GETs in flight; false once a mutation made them stale.
-    prefetching: HashMap<u64, bool>,
-    last_read_end: u64,
-    seq_run: u32,
+    /// GETs in flight per object, demand and read-ahead alike, so no
+    /// object is fetched twice at once.
+    fetching: HashMap<u64, Fetch>,
+    /// Read-ahead GETs in `fetching`.
+    prefetches: usize,
+    /// Sequential readers, at most MAX_STREAMS, least recently used evicted.
+    streams: Vec<Stream>,
+    stream_ids: u64,
+    tick: u64,
+    /// Next object of each sequential whole-object writer (most recent
+    /// last), at most MAX_STREAMS.
+    write_streams: VecDeque<u64>,
+    /// No store mutation has failed since the last one that succeeded.
+    store_ok: bool,
     /// Superset of the objects in the store; None: not tracked (all may be).
     maybe_stored: Option<Bits>,
     /// While the attach-time LIST runs: objects PUT since it began.
@@ -249,9 +269,101 @@ impl State {
     }
     /// A store mutation of `i` is starting: cached store content is stale.
     fn invalidate(&mut self, i: u64) {
-        self.cache.remove(&i);
-        if let Some(valid) = self.prefetching.get_mut(&i) {
+        self.uncache(i);
+        if let Some(valid) = self.fetching.get_mut(&i).and_then(|f| f.prefetch.as_mut()) {
             *valid = false;
+        }
+    }
+    fn uncache(&mut self, i: u64) {
+        if self.cache.remove(&i).is_some() {
+            self.cache_order.retain(|&x| x != i);
+        }
+    }
+    /// Whether a whole-object write of `i` continues a sequential writer
+    /// (the previous whole-object write was to `i - 1`); records it.
+    fn note_whole_write(&mut self, i: u64) -> bool {
+        let hit = self.write_streams.iter().position(|&n| n == i);
+        if let Some(p) = hit {
+            self.write_streams.remove(p);
+        } else if self.write_streams.len() >= MAX_STREAMS {
+            self.write_streams.pop_front();
+        }
+        self.write_streams.push_back(i + 1);
+        hit.is_some()
+    }
+}
+
+/// GETs of one object in flight.
+#[derive(Default)]
+struct Fetch {
+    /// A read-ahead GET: Some(valid), false once a mutation made it stale.
+    prefetch: Option<bool>,
+    /// Demand reads GETting (part of) the object into their own buffers.
+    demand: u32,
+    /// Those of them that GET the whole object: read-ahead of it would
+    /// fetch it twice. (A partial demand GET does not stop read-ahead from
+    /// fetching the object for the reads that follow it.)
+    whole: u32,
+}
+
+/// A sequential reader, found by where its next read should start.
+struct Stream {
+    id: u64,
+    /// End of the furthest read seen.
+    next_off: u64,
+    /// Objects below this were already considered for read-ahead.
+    ra_end: u64,
+    /// Reads of this stream in flight, in bytes: they already keep that
+    /// much of the store busy, so read-ahead only tops them up.
+    demand_bytes: u64,
+    /// Reads that started exactly where the stream ended.
+    hits: u32,
+    last_use: u64,
+}
+
+/// Sequential readers (and whole-object writers) tracked at once.
+const MAX_STREAMS: usize = 16;
+/// Upper bound of one stream's read-ahead window, whatever
+/// `readahead_objects` says.
+const MAX_READAHEAD_BYTES: u64 = 64 << 20;
+/// Upper bound of all read-ahead data held or in flight.
+const MAX_READAHEAD_CACHE_BYTES: u64 = 256 << 20;
+
+/// A read in progress, counted against its stream until dropped.
+pub(crate) struct ReadTicket {
+    inner: Arc<Inner>,
+    stream: Option<(u64, u64)>,
+}
+
+impl Drop for ReadTicket {
+    fn drop(&mut self) {
+        if let Some((id, bytes)) = self.stream {
+            let mut st = self.inner.lock();
+            if let Some(s) = st.streams.iter_mut().find(|s| s.id == id) {
+                s.demand_bytes = s.demand_bytes.saturating_sub(bytes);
+            }
+        }
+    }
+}
+
+/// Unregisters a demand GET from `fetching`, also if the read is dropped.
+struct DemandGuard<'a> {
+    inner: &'a Inner,
+    i: u64,
+    whole: bool,
+}
+
+impl Drop for DemandGuard<'_> {
+    fn drop(&mut self) {
+        let mut st = self.inner.lock();
+        if let Some(f) = st.fetching.get_mut(&self.i) {
+            f.demand = f.demand.saturating_sub(1);
+            if self.whole {
+                f.whole = f.whole.saturating_sub(1);
+            }
+            if f.demand == 0 && f.prefetch.is_none() {
+                st.fetching.remove(&self.i);
+            }
         }
     }
 }
@@ -351,6 +463,13 @@ pub(crate) struct Inner {
     writeback_bytes: u64,
     writeback_delay: Duration,
     readahead: usize,
+    max_in_flight: usize,
+    /// The write cache refused a whole-object write for lack of room
+    /// (logged once).
+    cache_full_logged: std::sync::atomic::AtomicBool,
+    /// Runtime for read-ahead tasks: reads are noted on the submitting
+    /// reactor's thread, which runs a different runtime.
+    rt: tokio::runtime::Handle,
     retry_budget: Duration,
     trim_parallelism: usize,
     orphan_deadline: Duration,
@@ -384,9 +503,13 @@ impl Inner {
                 busy_count: 0,
                 cache: HashMap::new(),
                 cache_order: VecDeque::new(),
-                prefetching: HashMap::new(),
-                last_read_end: u64::MAX,
-                seq_run: 0,
+                fetching: HashMap::new(),
+                prefetches: 0,
+                streams: Vec::new(),
+                stream_ids: 0,
+                tick: 0,
+                write_streams: VecDeque::new(),
+                store_ok: true,
                 maybe_stored,
                 put_since_scan,
                 scan_done: !tracked,
@@ -397,6 +520,9 @@ impl Inner {
             writeback_bytes: cfg.writeback_bytes,
             writeback_delay: cfg.writeback_delay,
             readahead: cfg.readahead_objects,
+            max_in_flight: cfg.max_in_flight,
+            cache_full_logged: Default::default(),
+            rt: tokio::runtime::Handle::current(),
             retry_budget: cfg.retry_budget,
             trim_parallelism: cfg.trim_parallelism,
             orphan_deadline: cfg.orphan_deadline,
@@ -434,7 +560,7 @@ impl Inner {
         self.lock().peak_objs
     }
     pub fn prefetches_in_flight(&self) -> usize {
-        self.lock().prefetching.len()
+        self.lock().prefetches
     }
     pub fn kick_flusher(&self) {
         self.kick.notify_one();
@@ -531,6 +657,7 @@ impl Inner {
                 {
                     let mut st = self.lock();
                     st.fail_seq += 1;
+                    st.store_ok = false;
                     let seq = st.fail_seq;
                     if let Some(o) = st.objs.get_mut(&i) {
                         o.unanswered = true;
@@ -602,6 +729,7 @@ impl Inner {
         if !ok && kind == MutKind::Writeback {
             st.fail_seq = fail_seq;
         }
+        st.store_ok = ok;
         if ok && delete {
             // Busy until now, so no PUT of it started meanwhile.
             if let Some(b) = &mut st.maybe_stored {
@@ -617,7 +745,7 @@ impl Inner {
             if ok {
                 o.durable_ver = o.durable_ver.max(ver);
                 if o.ver == ver {
-                    freed = matches!(o.dirty.take(), Some(Layer::Buf { .. }));
+                    freed = o.dirty.take().is_some_and(|l| l.holds_bytes());
                 } else if kind == MutKind::Writeback {
                     // Written again during the PUT: those writes age
                     // from now, like any other dirty data.
@@ -659,11 +787,25 @@ impl Inner {
     // ---------------------------------------------------------------- write
 
     pub async fn write(self: &Arc<Self>, off: u64, data: Bytes, fua: bool) -> R<()> {
-        let start_seq = self.lock().fail_seq;
         let segs = self.geo.segments(off, data.len() as u64);
-        let results = join_all(segs.into_iter().map(|(i, o, n, d)| {
+        let (start_seq, behind) = {
+            let mut st = self.lock();
+            let healthy = st.store_ok;
+            let behind: Vec<bool> = segs
+                .iter()
+                .map(|&(i, o, n, _)| {
+                    let whole = o == 0 && n == self.geo.obj_len(i);
+                    whole && st.note_whole_write(i) && healthy && !fua
+                })
+                .collect();
+            (st.fail_seq, behind)
+        };
+        let results = join_all(segs.into_iter().zip(behind).map(|((i, o, n, d), behind)| {
             let piece = data.slice(d as usize..(d + n) as usize);
             async move {
+                if behind && let Some(g) = self.cache_whole(i, &piece)? {
+                    return Ok(Some(g));
+                }
                 if o == 0 && n == self.geo.obj_len(i) {
                     self.write_whole(i, piece).await
                 } else {
@@ -689,6 +831,61 @@ impl Inner {
             }
         }
         Ok(())
+    }
+
+    /// Write-behind of a whole-object write that continues a sequential
+    /// writer: the host's buffer becomes the dirty layer and its PUT starts
+    /// now, without the write waiting for it; FLUSH (or FUA) waits. This
+    /// keeps a QD1 writer's PUTs pipelined. Isolated whole-object writes,
+    /// and every write while the store is failing, stay write-through so
+    /// the host sees store errors per command, not only at FLUSH. Returns
+    /// None when the write cache is full: the caller writes through.
+    fn cache_whole(&self, i: u64, data: &Bytes) -> R<Option<(u64, u64)>> {
+        let len = self.geo.obj_len(i);
+        let (ver, start) = {
+            let mut st = self.lock();
+            if st.poisoned(i) {
+                return Err(self.poisoned_err(i));
+            }
+            let holds = st
+                .objs
+                .get(&i)
+                .and_then(|o| o.dirty.as_ref())
+                .is_some_and(Layer::holds_bytes);
+            if !holds && st.dirty_bytes + len > self.writeback_bytes {
+                if !self.cache_full_logged.swap(true, Relaxed) {
+                    tracing::info!(
+                        "objbacker: write cache full ({} bytes dirty): whole-object writes \
+                         wait for their own PUT until it drains (logged once)",
+                        st.dirty_bytes
+                    );
+                }
+                return Ok(None);
+            }
+            if !holds {
+                st.dirty_bytes += len;
+            }
+            let room = st.busy_count < self.max_in_flight;
+            let (ver, o) = st.touch(i);
+            if o.dirty.is_none() {
+                o.dirty_since = Instant::now();
+            }
+            o.dirty = Some(Layer::Whole(data.clone()));
+            o.eager = true;
+            (ver, room && !o.busy)
+        };
+        match self.me.upgrade() {
+            Some(me) if start => {
+                tokio::spawn(async move {
+                    // Failures stay in the object's state for FLUSH/FUA.
+                    let _ = me.writeback(i).await;
+                });
+            }
+            // Past max_in_flight, or an older PUT of it is still running:
+            // the flusher takes it when that finishes.
+            _ => self.kick.notify_one(),
+        }
+        Ok(Some((i, ver)))
     }
 
     /// A whole, aligned object: PUT straight from the host buffer when the
@@ -731,6 +928,11 @@ impl Inner {
                 }
             };
             if buffered {
+                // Superseding a dirty layer in place: no copy, and no
+                // more buffer room than it already takes.
+                if let Some(g) = self.cache_whole(i, &data)? {
+                    return Ok(Some(g));
+                }
                 return self.write_partial(i, 0, &data).await.map(Some);
             }
             notified.await;
@@ -760,10 +962,11 @@ impl Inner {
                 if st.poisoned(i) {
                     return Err(self.poisoned_err(i));
                 }
-                let has_buf = matches!(
-                    st.objs.get(&i).and_then(|o| o.dirty.as_ref()),
-                    Some(Layer::Buf { .. })
-                );
+                let has_buf = st
+                    .objs
+                    .get(&i)
+                    .and_then(|o| o.dirty.as_ref())
+                    .is_some_and(Layer::holds_bytes);
                 if has_buf || st.dirty_bytes + len <= self.writeback_bytes {
                     if !has_buf {
                         st.dirty_bytes += len;
@@ -774,11 +977,20 @@ impl Inner {
                         data: Vec::new(),
                         cov: Coverage::default(),
                     });
-                    if let Layer::Zero = layer {
-                        *layer = Layer::Buf {
-                            data: Vec::new(),
-                            cov: Coverage::full(len),
-                        };
+                    match layer {
+                        Layer::Zero => {
+                            *layer = Layer::Buf {
+                                data: Vec::new(),
+                                cov: Coverage::full(len),
+                            }
+                        }
+                        Layer::Whole(b) => {
+                            *layer = Layer::Buf {
+                                data: b.to_vec(),
+                                cov: Coverage::full(len),
+                            }
+                        }
+                        Layer::Buf { .. } => {}
                     }
                     let Layer::Buf { data: buf, cov } = layer else {
                         return Err(EngErr::Corrupt);
@@ -842,6 +1054,7 @@ impl Inner {
             let op = match &o.dirty {
                 None => return Ok(true),
                 Some(Layer::Zero) => Op::Delete,
+                Some(Layer::Whole(b)) => Op::Put(b.clone()),
                 Some(Layer::Buf { data, cov }) if cov.covers(0, len) => {
                     Op::Put(Bytes::copy_from_slice(data))
                 }
@@ -865,6 +1078,7 @@ impl Inner {
                 Err(e) => {
                     st.busy_count = st.busy_count.saturating_sub(1);
                     st.fail_seq += 1;
+                    st.store_ok = false;
                     let seq = st.fail_seq;
                     if let Some(o) = st.objs.get_mut(&i) {
                         o.busy = false;
@@ -890,7 +1104,8 @@ impl Inner {
                     *cov = Coverage::full(len);
                     Op::Put(Bytes::copy_from_slice(data))
                 }
-                // Trimmed while we were fetching.
+                // Overwritten whole or trimmed while we were fetching.
+                Some(Layer::Whole(b)) => Op::Put(b.clone()),
                 Some(Layer::Zero) => Op::Delete,
                 // Only the busy holder (us) removes the dirty layer.
                 None => {
@@ -1048,7 +1263,7 @@ impl Inner {
             if was_clean {
                 obj.dirty_since = Instant::now();
             }
-            if matches!(old, Some(Layer::Buf { .. })) {
+            if old.as_ref().is_some_and(Layer::holds_bytes) {
                 st.dirty_bytes = st.dirty_bytes.saturating_sub(self.geo.obj_len(i));
             }
             ver
@@ -1059,7 +1274,126 @@ impl Inner {
 
     // ----------------------------------------------------------------- read
 
-    pub async fn read(self: &Arc<Self>, off: u64, out: &mut [u8]) -> R<()> {
+    /// Notes a read starting at `off` in its stream and starts the stream's
+    /// read-ahead. Called when the read is submitted, in submission order,
+    /// before any of it runs: what the host has already asked for is never
+    /// read ahead.
+    pub fn begin_read(self: &Arc<Self>, off: u64, len: u64) -> ReadTicket {
+        let mut ticket = ReadTicket {
+            inner: self.clone(),
+            stream: None,
+        };
+        if self.readahead == 0 || len == 0 {
+            return ticket;
+        }
+        let obj = self.geo.obj_size;
+        let window = (self.readahead as u64).min((MAX_READAHEAD_BYTES / obj).max(1));
+        let cap = (4 * window).min((MAX_READAHEAD_CACHE_BYTES / obj).max(2)) as usize;
+        // Reads of one stream may arrive a little out of order; one window
+        // either side still counts as the same stream.
+        let near = window * obj;
+        let end = off.saturating_add(len);
+        let mut todo = Vec::new();
+        {
+            let mut st = self.lock();
+            st.tick += 1;
+            let tick = st.tick;
+            let found = st.streams.iter().position(|s| {
+                off <= s.next_off.saturating_add(near) && s.next_off <= off.saturating_add(near)
+            });
+            let k = match found {
+                Some(k) => k,
+                None => {
+                    if st.streams.len() >= MAX_STREAMS
+                        && let Some(lru) =
+                            (0..st.streams.len()).min_by_key(|&k| st.streams[k].last_use)
+                    {
+                        st.streams.swap_remove(lru);
+                    }
+                    st.stream_ids += 1;
+                    let id = st.stream_ids;
+                    st.streams.push(Stream {
+                        id,
+                        next_off: off,
+                        ra_end: 0,
+                        demand_bytes: 0,
+                        hits: 0,
+                        last_use: tick,
+                    });
+                    st.streams.len() - 1
+                }
+            };
+            let s = &mut st.streams[k];
+            if off == s.next_off && found.is_some() {
+                s.hits = s.hits.saturating_add(1);
+            }
+            s.next_off = s.next_off.max(end);
+            s.demand_bytes += len;
+            s.last_use = tick;
+            ticket.stream = Some((s.id, len));
+            if s.hits == 0 {
+                return ticket;
+            }
+            let head = s.next_off / obj;
+            let ahead = window.saturating_sub(s.demand_bytes.div_ceil(obj));
+            let want = head.saturating_add(ahead).min(self.geo.num_objects);
+            let from = s.ra_end.max(head);
+            let mut reached = from;
+            for j in from..want {
+                let st = &mut *st;
+                let fetching = st
+                    .fetching
+                    .get(&j)
+                    .is_some_and(|f| f.prefetch.is_some() || f.whole > 0);
+                if !(fetching || st.cache.contains_key(&j) || st.objs.contains_key(&j)) {
+                    if st.cache.len() + st.prefetches >= cap {
+                        // Make room by the oldest cached object; with none,
+                        // the window waits for the next read.
+                        let Some(old) = st.cache_order.pop_front() else {
+                            break;
+                        };
+                        st.cache.remove(&old);
+                    }
+                    st.fetching.entry(j).or_default().prefetch = Some(true);
+                    st.prefetches += 1;
+                    todo.push(j);
+                }
+                reached = j + 1;
+            }
+            let s = &mut st.streams[k];
+            s.ra_end = s.ra_end.max(reached);
+        }
+        for j in todo {
+            let me = self.clone();
+            self.rt.spawn(async move {
+                let res = me.store_get_whole(j).await;
+                me.retry.stats.readahead_gets.fetch_add(1, Relaxed);
+                {
+                    let mut st = me.lock();
+                    st.prefetches = st.prefetches.saturating_sub(1);
+                    let valid = match st.fetching.get_mut(&j) {
+                        Some(f) => {
+                            let valid = f.prefetch.take() == Some(true);
+                            if f.demand == 0 {
+                                st.fetching.remove(&j);
+                            }
+                            valid
+                        }
+                        None => false,
+                    };
+                    if let (true, Ok(v)) = (valid, res) {
+                        st.uncache(j);
+                        st.cache.insert(j, v.map_or(Cached::Zero, Cached::Data));
+                        st.cache_order.push_back(j);
+                    }
+                }
+                me.changed.notify_waiters();
+            });
+        }
+        ticket
+    }
+
+    pub async fn read(&self, off: u64, out: &mut [u8]) -> R<()> {
         let segs = self.geo.segments(off, out.len() as u64);
         let mut pieces = Vec::with_capacity(segs.len());
         let mut rest = out;
@@ -1074,27 +1408,27 @@ impl Inner {
                 .map(|(i, o, buf)| self.read_obj(i, o, buf)),
         )
         .await;
-        for r in results {
-            r?;
-        }
-        if let Some(&(last, ..)) = segs.last() {
-            self.maybe_readahead(off, segs.iter().map(|s| s.2).sum(), last);
-        }
-        Ok(())
+        results.into_iter().collect()
     }
 
     async fn read_obj(&self, i: u64, a: u64, out: &mut [u8]) -> R<()> {
         let b = a + out.len() as u64;
-        let gaps = loop {
+        let len = self.geo.obj_len(i);
+        let (gaps, _demand) = loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             {
-                let st = self.lock();
+                let mut st = self.lock();
+                let st = &mut *st;
                 let o = st.objs.get(&i);
                 let mut gaps = vec![(a, b)];
                 match o.and_then(|o| o.dirty.as_ref()) {
                     Some(Layer::Zero) => {
                         out.fill(0);
+                        return Ok(());
+                    }
+                    Some(Layer::Whole(data)) => {
+                        out.copy_from_slice(&data[a as usize..b as usize]);
                         return Ok(());
                     }
                     Some(Layer::Buf { data, cov }) => {
@@ -1109,6 +1443,7 @@ impl Inner {
                 if gaps.is_empty() {
                     return Ok(());
                 }
+                let from_cache = o.is_none_or(|o| o.inflight.is_none());
                 let base: Option<&[u8]> = match o.and_then(|o| o.inflight.as_ref()) {
                     Some(Inflight::Put(bytes)) => Some(bytes),
                     Some(Inflight::Delete) => Some(&[][..]),
@@ -1119,9 +1454,6 @@ impl Inner {
                     },
                 };
                 if let Some(base) = base {
-                    if o.is_none_or(|o| o.inflight.is_none()) {
-                        self.retry.stats.cache_hits.fetch_add(1, Relaxed);
-                    }
                     for (x, y) in gaps {
                         let dst = &mut out[(x - a) as usize..(y - a) as usize];
                         match base.get(x as usize..y as usize) {
@@ -1129,24 +1461,66 @@ impl Inner {
                             None => dst.fill(0),
                         }
                     }
+                    if from_cache {
+                        self.retry.stats.cache_hits.fetch_add(1, Relaxed);
+                        // A sequential reader is done with the object once it
+                        // has read its end: free the room for read-ahead.
+                        if b == len {
+                            st.uncache(i);
+                        }
+                    }
                     return Ok(());
                 }
+                let f = st.fetching.entry(i).or_default();
                 // A read-ahead GET for this object is coming: wait for it
                 // rather than fetching the same bytes twice.
-                if st.prefetching.get(&i) == Some(&true) {
+                if f.prefetch == Some(true) {
                     notified.as_mut().enable();
                 } else {
-                    break gaps;
+                    let whole = gaps[..] == [(0, len)];
+                    f.demand += 1;
+                    f.whole += u32::from(whole);
+                    break (
+                        gaps,
+                        DemandGuard {
+                            inner: self,
+                            i,
+                            whole,
+                        },
+                    );
                 }
             }
             notified.await;
         };
         let (lo, hi) = (gaps[0].0, gaps[gaps.len() - 1].1);
-        let len = self.geo.obj_len(i);
         let bk = self.bucket(i);
+        let key = bk.data_key(i);
+        let whole = lo == 0 && hi == len;
+        if let [(x, y)] = gaps[..] {
+            // One contiguous gap: GET straight into the command's buffer.
+            let dst = &mut out[(x - a) as usize..(y - a) as usize];
+            let got = self
+                .retry
+                .get_into(bk, &key, lo..hi, whole, dst)
+                .await
+                .map_err(|_| EngErr::Store)?;
+            return match got {
+                None => {
+                    dst.fill(0);
+                    Ok(())
+                }
+                Some(n) if n == dst.len() => Ok(()),
+                Some(n) => {
+                    tracing::error!(
+                        "objbacker: object {key}: GET of {lo}..{hi} returned {n} bytes: not written by this device"
+                    );
+                    Err(EngErr::Corrupt)
+                }
+            };
+        }
         let got = self
             .retry
-            .get(bk, &bk.data_key(i), lo..hi, lo == 0 && hi == len)
+            .get(bk, &key, lo..hi, whole)
             .await
             .map_err(|_| EngErr::Store)?;
         for (x, y) in gaps {
@@ -1156,70 +1530,13 @@ impl Inner {
                 Some(g) => match g.get((x - lo) as usize..(y - lo) as usize) {
                     Some(src) => dst.copy_from_slice(src),
                     None => {
-                        tracing::error!(
-                            "objbacker: object {} shorter than expected",
-                            bk.data_key(i)
-                        );
+                        tracing::error!("objbacker: object {key} shorter than expected");
                         return Err(EngErr::Corrupt);
                     }
                 },
             }
         }
         Ok(())
-    }
-
-    /// Detects a sequential reader (a read starting where the previous one
-    /// ended) and prefetches the next objects into a small cache.
-    fn maybe_readahead(self: &Arc<Self>, off: u64, len: u64, last_obj: u64) {
-        if self.readahead == 0 {
-            return;
-        }
-        let mut todo = Vec::new();
-        {
-            let mut st = self.lock();
-            if off == st.last_read_end {
-                st.seq_run = st.seq_run.saturating_add(1);
-            } else {
-                st.seq_run = 0;
-            }
-            st.last_read_end = off + len;
-            if st.seq_run < 1 {
-                return;
-            }
-            let end = (last_obj + 1 + self.readahead as u64).min(self.geo.num_objects);
-            for j in last_obj + 1..end {
-                if st.cache.contains_key(&j)
-                    || st.prefetching.contains_key(&j)
-                    || st.objs.contains_key(&j)
-                {
-                    continue;
-                }
-                st.prefetching.insert(j, true);
-                todo.push(j);
-            }
-        }
-        for j in todo {
-            let me = self.clone();
-            tokio::spawn(async move {
-                let res = me.store_get_whole(j).await;
-                me.retry.stats.readahead_gets.fetch_add(1, Relaxed);
-                {
-                    let mut st = me.lock();
-                    let valid = st.prefetching.remove(&j) == Some(true);
-                    if let (true, Ok(v)) = (valid, res) {
-                        st.cache.insert(j, v.map_or(Cached::Zero, Cached::Data));
-                        st.cache_order.push_back(j);
-                        let cap = 2 * me.readahead.max(1);
-                        while st.cache_order.len() > cap {
-                            if let Some(old) = st.cache_order.pop_front() {
-                                st.cache.remove(&old);
-                            }
-                        }
-                    }
-                }
-                me.changed.notify_waiters();
-            });
-        }
     }
 
     // ---------------------------------------------------- background flusher
@@ -1255,14 +1572,9 @@ impl Inner {
                         // A Zero layer's TRIM does its own DELETE (with its
                         // own parallelism bound); the flusher only picks up
                         // one left behind by a failed TRIM, once aged.
-                        let complete = match &o.dirty {
-                            Some(Layer::Buf { .. }) => o.eager,
-                            _ => false,
-                        };
-                        let bytes = match &o.dirty {
-                            Some(Layer::Buf { .. }) => me.geo.obj_len(i),
-                            _ => 0,
-                        };
+                        let holds = o.dirty.as_ref().is_some_and(Layer::holds_bytes);
+                        let complete = holds && o.eager;
+                        let bytes = if holds { me.geo.obj_len(i) } else { 0 };
                         (!complete, o.dirty_since, i, bytes)
                     })
                     .collect();

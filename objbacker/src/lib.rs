@@ -5,7 +5,8 @@
 //! Block `i` is object `{prefix}/{i:08}` in bucket `i % buckets`. The device
 //! reports a volatile write cache: partial writes sit in a bounded
 //! write-back buffer until FLUSH, FUA, buffer pressure or age push them out;
-//! whole aligned objects go straight to one PUT. Design and invariants:
+//! whole aligned objects go to one PUT each, started at once, which a
+//! sequential writer does not wait for (FLUSH does). Design and invariants:
 //! docs/objbacker.md.
 
 mod bdev;
@@ -156,6 +157,7 @@ impl ObjBacker {
     /// Byte-addressed read (the bdev path uses the same engine).
     pub async fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
         self.check(off, buf.len() as u64)?;
+        let _ticket = self.inner.begin_read(off, buf.len() as u64);
         self.inner
             .read(off, buf)
             .await

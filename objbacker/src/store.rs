@@ -348,6 +348,61 @@ impl Retrier {
         }
     }
 
+    /// GET a range of an object straight into `out`: the body's chunks are
+    /// copied once, from the HTTP client's buffers into the command's
+    /// buffer, instead of being gathered into one `Bytes` first. Returns
+    /// the body's length (which may differ from `out.len()`: the caller
+    /// treats that as corruption; bytes past `out` are not written), or
+    /// `None` when the object was never written.
+    pub async fn get_into(
+        &self,
+        b: &Bucket,
+        key: &Path,
+        range: std::ops::Range<u64>,
+        whole: bool,
+        out: &mut [u8],
+    ) -> Result<Option<usize>, object_store::Error> {
+        use futures::StreamExt;
+        // Attempts run one after another (a timed-out one is dropped
+        // before the next starts), so the lock is never contended; it only
+        // lets each attempt's future borrow the buffer.
+        let out = tokio::sync::Mutex::new(out);
+        let out = &out;
+        let res = self
+            .run("GET", || {
+                let range = range.clone();
+                async move {
+                    let mut out = out.lock().await;
+                    let opts = if whole {
+                        object_store::GetOptions::new()
+                    } else {
+                        object_store::GetOptions::new().with_range(Some(range))
+                    };
+                    let mut body = b.store.get_opts(key, opts).await?.into_stream();
+                    let mut n = 0usize;
+                    while let Some(chunk) = body.next().await {
+                        let chunk = chunk?;
+                        let end = n + chunk.len();
+                        if let Some(dst) = out.get_mut(n..end) {
+                            dst.copy_from_slice(&chunk);
+                        }
+                        n = end;
+                    }
+                    Ok(n)
+                }
+            })
+            .await;
+        self.stats.gets.fetch_add(1, Relaxed);
+        match res {
+            Ok(n) => {
+                self.stats.bytes_got.fetch_add(n as u64, Relaxed);
+                Ok(Some(n))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// PUT for the superblock and other callers that do not track an
     /// object's busy state: an unanswered attempt is reported as an error
     /// (and keeps running in the background).

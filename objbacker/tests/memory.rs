@@ -47,17 +47,20 @@ fn dyn_of(mem: &[Arc<InMemory>]) -> Vec<Arc<dyn ObjectStore>> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn whole_objects_are_striped_single_puts_without_buffering() {
+async fn whole_objects_are_striped_single_puts() {
     let cfg = test_cfg(mem_urls(3), 8 * OBJ, OBJ);
     let (dev, mem) = fresh(&cfg, 3).await;
     let mut h = Host::new(&dev);
     let data = pattern(0, 8 * OBJ, 1);
     h.write(0, &data, false).await.unwrap();
+    // Objects 1..8 continue a sequential writer: write-behind, durable at
+    // FLUSH.
+    h.flush().await.unwrap();
     let s = dev.stats();
     assert_eq!(s.puts, 8, "one PUT per whole object");
     assert_eq!(s.rmw_gets, 0);
-    assert_eq!(dev.dirty_bytes(), 0, "no local copy of whole objects");
-    // Durable at completion (no FLUSH needed for direct PUTs), striped.
+    assert_eq!(dev.dirty_bytes(), 0, "nothing left in memory after FLUSH");
+    // Striped.
     for (k, m) in mem.iter().enumerate() {
         let keys: Vec<String> = list(m.as_ref(), Some("dev"))
             .await
