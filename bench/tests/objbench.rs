@@ -29,6 +29,7 @@ fn tiny(backend: Backend) -> Settings {
         strata_bin: None,
         dir: None,
         json: None,
+        s3: Default::default(),
     })
     .unwrap()
 }
