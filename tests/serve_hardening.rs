@@ -11,8 +11,10 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
+use strata_target::host;
 use strata_target::pdu;
-use strata_target::spec::{self, ConnectData, NvmeCmd, SglDescriptor, Status};
+use strata_target::spec::{self, ConnectData, NvmeCmd, Status};
+use strata_testkit::host::HOSTID;
 use support::{Client, Rsp, Server, pattern, rw};
 
 const DEFAULT_NQN: &str = "nqn.2026-11.dev.strata:default";
@@ -45,16 +47,7 @@ fn icreq_answered(port: u16) -> bool {
         return false;
     };
     let mut b = Vec::new();
-    pdu::encode_icreq(
-        &pdu::ICReq {
-            pfv: 0,
-            hpda: 0,
-            hdgst: false,
-            ddgst: false,
-            maxr2t: 0,
-        },
-        &mut b,
-    );
+    host::encode_icreq(false, false, &mut b);
     if s.write_all(&b).is_err() {
         return false;
     }
@@ -177,23 +170,14 @@ fn every_opcode_with_every_psdt_gets_exactly_one_completion() {
 fn connect_raw(port: u16, subnqn: &str, hostnqn: &str, sqsize: u16) -> (Client, spec::NvmeCpl) {
     let mut c = Client::connect_tcp(port);
     c.icreq(false, false);
-    let mut cmd = NvmeCmd::default();
-    cmd.set_opcode(spec::admin_opc::FABRICS);
-    cmd.0[4] = spec::fctype::CONNECT;
-    cmd.set_cdw(11, u32::from(sqsize));
-    cmd.set_cdw(12, 30_000);
-    cmd.set_sgl(SglDescriptor {
-        addr: 0,
-        len: 1024,
-        id: spec::SGL_ID_DATA_BLOCK_OFFSET,
-    });
     let d = ConnectData {
-        hostid: [3; 16],
-        cntlid: 0xffff,
+        hostid: HOSTID,
+        cntlid: host::CNTLID_DYNAMIC,
         subnqn: subnqn.into(),
         hostnqn: hostnqn.into(),
     };
-    let cpl = c.exec(cmd, &d.encode()).0;
+    let (cmd, d) = host::connect(0, sqsize, 30_000, &d);
+    let cpl = c.exec(cmd, &d).0;
     (c, cpl)
 }
 

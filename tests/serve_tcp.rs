@@ -5,7 +5,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use strata_target::pdu::{self, FatalErrorStatus, ICReq};
+use strata_target::host;
+use strata_target::pdu::{self, FatalErrorStatus};
 use strata_target::spec::{self, NvmeCmd, SglDescriptor, Status};
 use support::{Client, Rsp, Server, pattern, rw};
 
@@ -93,16 +94,7 @@ fn malformed_input_terminates_only_the_offending_connection() {
         ("second ICReq", FatalErrorStatus::PduSequenceError, |c| {
             c.icreq(false, false);
             let mut b = Vec::new();
-            pdu::encode_icreq(
-                &ICReq {
-                    pfv: 0,
-                    hpda: 0,
-                    hdgst: false,
-                    ddgst: false,
-                    maxr2t: 0,
-                },
-                &mut b,
-            );
+            host::encode_icreq(false, false, &mut b);
             c.send_raw(&b);
         }),
         (
@@ -399,16 +391,8 @@ fn silent_host_loses_its_controller_after_kato() {
     let c = a.connect_kato(0, 0xffff, DEFAULT_NQN, HOST, 1000);
     assert!(c.status.is_success());
     let cntlid = c.dw0 as u16;
-    let mut en = NvmeCmd::default();
-    en.set_opcode(spec::admin_opc::FABRICS);
-    en.0[4] = spec::fctype::PROPERTY_SET;
-    en.set_cdw(11, spec::prop::CC);
-    en.set_cdw(12, 1 | (6 << 16) | (4 << 20));
-    assert!(a.exec(en, &[]).0.status.is_success());
-    let mut nq = NvmeCmd::default();
-    nq.set_opcode(spec::admin_opc::SET_FEATURES);
-    nq.set_cdw(10, u32::from(spec::feat::NUMBER_OF_QUEUES));
-    nq.set_cdw(11, 0);
+    a.enable();
+    let nq = host::set_features_number_of_queues(0, 0);
     assert!(a.exec(nq, &[]).0.status.is_success());
     let mut io = Client::io(srv.port, DEFAULT_NQN, HOST, cntlid, 1);
     good_io_still_works(&mut io, 1);

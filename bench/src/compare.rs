@@ -2,12 +2,38 @@
 //! machine (thermal, other tenants, page cache) hits both alike; each
 //! figure is reported as the B/A ratio with its spread across rounds.
 
+use std::path::PathBuf;
+
 use anyhow::{Context, Result, anyhow, ensure};
 use serde::Serialize;
 
-use crate::cli::{CompareArgs, Endpoint, TargetArgs, resolve_jobs, run_with_progress};
 use crate::job::{JobFile, JobSpec};
+use crate::opts::{Endpoint, JobArgs, TargetArgs, resolve_jobs};
+use crate::progress::run_with_progress;
 use crate::report::Report;
+
+#[derive(clap::Args, Debug)]
+pub struct CompareArgs {
+    /// Target A as ADDR,NQN.
+    #[arg(long)]
+    pub a: String,
+    /// Target B as ADDR,NQN.
+    #[arg(long)]
+    pub b: String,
+    /// Alternating rounds (each runs A then B).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
+    /// Job file (same format as `run --job`).
+    pub job: Option<PathBuf>,
+    #[command(flatten)]
+    pub job_args: JobArgs,
+    #[arg(long)]
+    pub hdgst: bool,
+    #[arg(long)]
+    pub ddgst: bool,
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Ratio {

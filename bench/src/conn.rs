@@ -11,7 +11,8 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use strata_target::pdu::{self, DIGEST_LEN, DecodeConfig, ICReq, Parsed, PduHeader, Role, crc32c};
+use strata_target::host;
+use strata_target::pdu::{self, DIGEST_LEN, DecodeConfig, Parsed, PduHeader, Role, crc32c};
 
 /// How long a blocking receive waits before handing control back to the
 /// caller's loop, so deadlines and keep-alives are noticed even when the
@@ -74,14 +75,7 @@ impl Conn {
             maxh2cdata: 0,
             peer: addr,
         };
-        let req = ICReq {
-            pfv: 0,
-            hpda: 0,
-            hdgst,
-            ddgst,
-            // 0's based: one R2T in flight per command, as Linux asks.
-            maxr2t: 0,
-        };
+        let req = host::icreq(hdgst, ddgst);
         pdu::encode_icreq(&req, &mut c.tx);
         c.flush_blocking(timeout)?;
         let deadline = Instant::now() + timeout;

@@ -11,18 +11,14 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use strata_target::pdu::{self, H2CData, PduHeader, crc32c};
-use strata_target::spec::{
-    ConnectData, NvmeCmd, NvmeCpl, SGL_ID_DATA_BLOCK_OFFSET, SGL_ID_TRANSPORT_DATA_BLOCK,
-    SglDescriptor, Status, admin_opc, fctype, feat, io_opc, prop,
-};
+use strata_target::host;
+use strata_target::pdu::{H2CData, PduHeader};
+use strata_target::spec::{ConnectData, NvmeCmd, NvmeCpl, Status, admin_opc, io_opc, prop};
 
 use crate::conn::Conn;
 
 /// NVMe/TCP fixes the admin queue's in-capsule data size at 8 KiB.
 const ADMIN_IN_CAPSULE: usize = 8192;
-/// PSDT=01b: the data pointer is an SGL. NVMe/TCP requires SGLs.
-const PSDT_SGL: u8 = 0x40;
 
 #[derive(Clone, Debug)]
 pub struct ConnectOpts {
@@ -75,28 +71,6 @@ pub struct ControllerInfo {
     pub serial: String,
 }
 
-fn admin_cmd(opc: u8) -> NvmeCmd {
-    let mut c = NvmeCmd::default();
-    c.set_opcode(opc);
-    c.0[1] = PSDT_SGL;
-    c
-}
-
-fn fabrics_cmd(fct: u8) -> NvmeCmd {
-    let mut c = admin_cmd(admin_opc::FABRICS);
-    c.0[4] = fct;
-    c
-}
-
-fn connect_cmd(qid: u16, sqsize: u16, kato_ms: u32) -> NvmeCmd {
-    let mut c = fabrics_cmd(fctype::CONNECT);
-    // RECFMT 0 | QID; SQSIZE (0's based) | CATTR 0; KATO.
-    c.set_cdw(10, u32::from(qid) << 16);
-    c.set_cdw(11, u32::from(sqsize));
-    c.set_cdw(12, kato_ms);
-    c
-}
-
 fn text_field(b: &[u8]) -> String {
     String::from_utf8_lossy(b)
         .trim_end_matches(['\0', ' '])
@@ -117,23 +91,13 @@ fn exec_sync(
     let (hd, dd) = (conn.cfg.hdgst, conn.cfg.ddgst);
     let in_capsule = !data_out.is_empty() && data_out.len() <= in_capsule_max;
     let len = data_out.len().max(data_in.len()) as u32;
-    cmd.set_sgl(SglDescriptor {
-        addr: 0,
-        len,
-        id: if in_capsule {
-            SGL_ID_DATA_BLOCK_OFFSET
-        } else {
-            SGL_ID_TRANSPORT_DATA_BLOCK
-        },
+    cmd.set_sgl(if in_capsule {
+        host::in_capsule_sgl(len)
+    } else {
+        host::transport_sgl(len)
     });
-    let icl = if in_capsule { data_out.len() } else { 0 };
-    pdu::encode_capsule_cmd(&cmd, icl, hd, dd, &mut conn.tx);
-    if icl > 0 {
-        conn.tx.extend_from_slice(data_out);
-        if dd {
-            pdu::encode_ddgst(crc32c(data_out), &mut conn.tx);
-        }
-    }
+    let icd = if in_capsule { data_out } else { &[] };
+    host::encode_capsule(&cmd, icd, hd, dd, &mut conn.tx);
     conn.flush_blocking(timeout)?;
     let deadline = Instant::now() + timeout;
     loop {
@@ -192,12 +156,7 @@ fn send_h2c(conn: &mut Conn, data: &[u8], cid: u16, ttag: u16, off: u32, len: u3
             datal: n as u32,
             last: pos + n == end,
         };
-        pdu::encode_h2c_data(&h, hd, dd, &mut conn.tx);
-        let chunk = &data[pos..pos + n];
-        conn.tx.extend_from_slice(chunk);
-        if dd {
-            pdu::encode_ddgst(crc32c(chunk), &mut conn.tx);
-        }
+        host::encode_h2c(&h, &data[pos..pos + n], hd, dd, &mut conn.tx);
         pos += n;
     }
     Ok(())
@@ -246,15 +205,18 @@ impl Controller {
             last_keep_alive: Instant::now(),
         };
         c.info.maxh2cdata = c.conn.maxh2cdata;
-        // Admin SQ of 32 entries, as Linux (NVME_AQ_DEPTH - 1, 0's based).
         let cd = ConnectData {
             hostid: c.opts.hostid,
-            cntlid: 0xFFFF,
+            cntlid: host::CNTLID_DYNAMIC,
             subnqn: c.opts.subnqn.clone(),
             hostnqn: c.opts.hostnqn.clone(),
         }
         .encode();
-        let cpl = c.exec(connect_cmd(0, 31, c.opts.kato_ms), &cd, &mut [])?;
+        let cpl = c.exec(
+            host::connect_cmd(0, host::ADMIN_SQSIZE, c.opts.kato_ms),
+            &cd,
+            &mut [],
+        )?;
         let cpl = check(cpl, "Connect (admin queue)")?;
         c.info.cntlid = (cpl.dw0 & 0xffff) as u16;
 
@@ -262,8 +224,7 @@ impl Controller {
         c.info.max_queue_entries = (cap & 0xffff) as u32 + 1;
         let to_ms = ((cap >> 24) & 0xff).max(1) * 500;
         let mpsmin = 4096u64 << ((cap >> 48) & 0xf);
-        // EN=1, CSS=NVM, MPS=4K, IOSQES=6 (64 B), IOCQES=4 (16 B).
-        c.prop_set(prop::CC, 1 | (6 << 16) | (4 << 20))?;
+        c.prop_set(prop::CC, host::CC_ENABLE)?;
         let deadline = Instant::now() + Duration::from_millis(to_ms);
         loop {
             let csts = c.prop_get(prop::CSTS, false)?;
@@ -279,8 +240,7 @@ impl Controller {
         }
 
         let mut id = vec![0u8; 4096];
-        let mut cmd = admin_cmd(admin_opc::IDENTIFY);
-        cmd.set_cdw(10, 1);
+        let cmd = host::identify_cmd(1, 0);
         check(c.exec(cmd, &[], &mut id)?, "Identify Controller")?;
         let id_cntlid = u16::from_le_bytes([id[78], id[79]]);
         ensure!(
@@ -297,18 +257,14 @@ impl Controller {
         c.info.model = text_field(&id[24..64]);
 
         let want = io_queues.max(1) - 1;
-        let mut cmd = admin_cmd(admin_opc::SET_FEATURES);
-        cmd.set_cdw(10, u32::from(feat::NUMBER_OF_QUEUES));
-        cmd.set_cdw(11, u32::from(want) | (u32::from(want) << 16));
+        let cmd = host::set_features_number_of_queues(want, want);
         let cpl = check(c.exec(cmd, &[], &mut [])?, "Set Features Number of Queues")?;
         let nsqa = (cpl.dw0 & 0xffff) as u16;
         let ncqa = (cpl.dw0 >> 16) as u16;
         c.info.io_queues = nsqa.min(ncqa).saturating_add(1);
 
         let mut ns = vec![0u8; 4096];
-        let mut cmd = admin_cmd(admin_opc::IDENTIFY);
-        cmd.set_nsid(c.opts.nsid);
-        cmd.set_cdw(10, 0);
+        let cmd = host::identify_cmd(0, c.opts.nsid);
         check(c.exec(cmd, &[], &mut ns)?, "Identify Namespace")?;
         let nsze = u64::from_le_bytes(ns[0..8].try_into()?);
         ensure!(nsze > 0, "namespace {} is empty or inactive", c.opts.nsid);
@@ -340,18 +296,13 @@ impl Controller {
     }
 
     pub fn prop_get(&mut self, ofst: u32, eight: bool) -> Result<u64> {
-        let mut cmd = fabrics_cmd(fctype::PROPERTY_GET);
-        cmd.set_cdw(10, u32::from(eight));
-        cmd.set_cdw(11, ofst);
+        let cmd = host::property_get_cmd(ofst, eight);
         let cpl = check(self.exec(cmd, &[], &mut [])?, "Property Get")?;
         Ok(u64::from(cpl.dw0) | (u64::from(cpl.dw1) << 32))
     }
 
     pub fn prop_set(&mut self, ofst: u32, val: u32) -> Result<()> {
-        let mut cmd = fabrics_cmd(fctype::PROPERTY_SET);
-        cmd.set_cdw(10, 0);
-        cmd.set_cdw(11, ofst);
-        cmd.set_cdw(12, val);
+        let cmd = host::property_set_cmd(ofst, val);
         check(self.exec(cmd, &[], &mut [])?, "Property Set")?;
         Ok(())
     }
@@ -370,7 +321,7 @@ impl Controller {
 
     pub fn keep_alive(&mut self) -> Result<()> {
         check(
-            self.exec(admin_cmd(admin_opc::KEEP_ALIVE), &[], &mut [])?,
+            self.exec(host::admin_cmd(admin_opc::KEEP_ALIVE), &[], &mut [])?,
             "Keep Alive",
         )?;
         self.last_keep_alive = Instant::now();
@@ -390,7 +341,7 @@ impl Controller {
     /// Problems are reported but the socket is closed either way.
     pub fn disconnect(mut self) -> Result<()> {
         let r = (|| {
-            self.prop_set(prop::CC, 1 | (6 << 16) | (4 << 20) | (1 << 14))?;
+            self.prop_set(prop::CC, host::CC_ENABLE | host::CC_SHN_NORMAL)?;
             let deadline = Instant::now() + Duration::from_secs(2);
             loop {
                 let csts = self.prop_get(prop::CSTS, false)?;
@@ -467,7 +418,7 @@ impl IoQueue {
         }
         .encode();
         // SQSIZE is 0's based, so qd here means qd+1 entries.
-        let mut cmd = connect_cmd(qid, qd.min(65535) as u16, 0);
+        let mut cmd = host::connect_cmd(qid, qd.min(65535) as u16, 0);
         cmd.set_cid(0);
         let cpl = exec_sync(&mut conn, cmd, &cd, &mut [], ADMIN_IN_CAPSULE, opts.timeout)?;
         check(cpl, &format!("Connect (I/O queue {qid})"))?;
@@ -486,35 +437,17 @@ impl IoQueue {
     /// in-capsule; larger ones wait for the target's R2T. Nothing is sent
     /// until [`IoQueue::poll`] or [`IoQueue::flush`].
     pub fn submit(&mut self, cid: u16, opcode: u8, slba: u64, len: u32, wdata: &[u8]) {
-        let mut cmd = NvmeCmd::default();
-        cmd.set_opcode(opcode);
-        cmd.0[1] = PSDT_SGL;
-        cmd.set_cid(cid);
-        cmd.set_nsid(self.nsid);
-        cmd.set_cdw(10, slba as u32);
-        cmd.set_cdw(11, (slba >> 32) as u32);
-        cmd.set_cdw(12, (len >> self.lba_shift) - 1);
         let in_capsule = opcode == io_opc::WRITE && len <= self.in_capsule_data;
-        cmd.set_sgl(SglDescriptor {
-            addr: 0,
-            len,
-            id: if in_capsule {
-                SGL_ID_DATA_BLOCK_OFFSET
-            } else {
-                SGL_ID_TRANSPORT_DATA_BLOCK
-            },
-        });
-        let (hd, dd) = (self.conn.cfg.hdgst, self.conn.cfg.ddgst);
-        let tx = &mut self.conn.tx;
-        if in_capsule {
-            pdu::encode_capsule_cmd(&cmd, len as usize, hd, dd, tx);
-            tx.extend_from_slice(&wdata[..len as usize]);
-            if dd {
-                pdu::encode_ddgst(crc32c(&wdata[..len as usize]), tx);
-            }
+        let nlb = len >> self.lba_shift;
+        let mut cmd = host::rw_cmd(opcode, self.nsid, slba, nlb, len, in_capsule);
+        cmd.set_cid(cid);
+        let data = if in_capsule {
+            &wdata[..len as usize]
         } else {
-            pdu::encode_capsule_cmd(&cmd, 0, hd, dd, tx);
-        }
+            &[]
+        };
+        let (hd, dd) = (self.conn.cfg.hdgst, self.conn.cfg.ddgst);
+        host::encode_capsule(&cmd, data, hd, dd, &mut self.conn.tx);
     }
 
     pub fn flush(&mut self) -> Result<()> {

@@ -13,9 +13,10 @@ use std::time::Instant;
 use anyhow::{Result, anyhow, bail};
 use strata_target::bdev::ram::RamBdev;
 use strata_target::ctrlr::Target;
-use strata_target::pdu::{self, ICReq};
+use strata_target::host;
+use strata_target::pdu;
 use strata_target::queue::{QueueLimits, QueuePair};
-use strata_target::spec::{self, ConnectData, NvmeCmd, SglDescriptor};
+use strata_target::spec::{self, ConnectData, NvmeCmd};
 use strata_target::subsystem::TargetConfig;
 
 use crate::job::parse_size;
@@ -65,45 +66,24 @@ fn feed(qp: &mut QueuePair, input: &[u8], out: &mut Vec<u8>) {
 }
 
 fn capsule(cmd: &NvmeCmd, data: &[u8], dg: bool, b: &mut Vec<u8>) {
-    pdu::encode_capsule_cmd(cmd, data.len(), dg, dg, b);
-    b.extend_from_slice(data);
-    if dg && !data.is_empty() {
-        pdu::encode_ddgst(pdu::crc32c(data), b);
-    }
+    host::encode_capsule(cmd, data, dg, dg, b);
 }
 
 fn connect_pdus(qid: u16, cntlid: u16, dg: bool) -> (Vec<u8>, Vec<u8>) {
     let mut ic = Vec::new();
-    pdu::encode_icreq(
-        &ICReq {
-            pfv: 0,
-            hpda: 0,
-            hdgst: dg,
-            ddgst: dg,
-            maxr2t: 0,
-        },
-        &mut ic,
-    );
-    let mut c = NvmeCmd::default();
-    c.set_opcode(spec::admin_opc::FABRICS);
-    c.0[4] = spec::fctype::CONNECT;
-    c.set_cdw(10, u32::from(qid) << 16);
+    host::encode_icreq(dg, dg, &mut ic);
     // The admin queue is bounded at 128 entries (as SPDK's max_aq_depth);
     // MQES bounds the I/O queue.
-    c.set_cdw(11, if qid == 0 { 31 } else { 1023 });
-    c.set_sgl(SglDescriptor {
-        addr: 0,
-        len: 1024,
-        id: spec::SGL_ID_DATA_BLOCK_OFFSET,
-    });
+    let sqsize = if qid == 0 { host::ADMIN_SQSIZE } else { 1023 };
     let d = ConnectData {
         hostid: [5; 16],
         cntlid,
         subnqn: NQN.into(),
         hostnqn: HOST.into(),
     };
+    let (c, d) = host::connect(qid, sqsize, 0, &d);
     let mut b = Vec::new();
-    capsule(&c, &d.encode(), dg, &mut b);
+    capsule(&c, &d, dg, &mut b);
     (ic, b)
 }
 
@@ -153,15 +133,8 @@ pub fn run(a: &InprocArgs) -> Result<InprocResult> {
         .ctrlr()
         .ok_or_else(|| anyhow!("admin connect failed"))?
         .cntlid();
-    let mut en = NvmeCmd::default();
-    en.set_opcode(spec::admin_opc::FABRICS);
-    en.0[4] = spec::fctype::PROPERTY_SET;
-    en.set_cdw(11, spec::prop::CC);
-    en.set_cdw(12, 1 | (6 << 16) | (4 << 20));
-    let mut nq = NvmeCmd::default();
-    nq.set_opcode(spec::admin_opc::SET_FEATURES);
-    nq.set_cdw(10, u32::from(spec::feat::NUMBER_OF_QUEUES));
-    nq.set_cdw(11, 0);
+    let en = host::property_set_cmd(spec::prop::CC, host::CC_ENABLE);
+    let nq = host::set_features_number_of_queues(0, 0);
     let mut b = Vec::new();
     capsule(&en, &[], dg, &mut b);
     capsule(&nq, &[], dg, &mut b);
@@ -184,27 +157,14 @@ pub fn run(a: &InprocArgs) -> Result<InprocResult> {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        let mut c = NvmeCmd::default();
-        c.set_opcode(if write {
+        let opc = if write {
             spec::io_opc::WRITE
         } else {
             spec::io_opc::READ
-        });
-        c.set_cid(i as u16);
-        c.set_nsid(1);
+        };
         let slba = (x % span) * u64::from(nlb);
-        c.set_cdw(10, slba as u32);
-        c.set_cdw(11, (slba >> 32) as u32);
-        c.set_cdw(12, nlb - 1);
-        c.set_sgl(SglDescriptor {
-            addr: 0,
-            len: bs,
-            id: if write {
-                spec::SGL_ID_DATA_BLOCK_OFFSET
-            } else {
-                spec::SGL_ID_TRANSPORT_DATA_BLOCK
-            },
-        });
+        let mut c = host::rw_cmd(opc, 1, slba, nlb, bs, write);
+        c.set_cid(i as u16);
         capsule(&c, if write { &data } else { &[] }, dg, &mut batch);
     }
     let per_batch = u64::from(a.qd.max(1));

@@ -14,7 +14,10 @@
 //!   throughput against the raw object_store client.
 //! * [`soak`]: `strata bench soak`, verified load with misbehaving hosts
 //!   and the target's memory sampled.
-//! * [`cli`]: `strata bench run|tiers|compare|objbacker|soak` ([`BenchArgs`], [`cli_main`]).
+//! * [`opts`] / [`progress`]: target and job options shared by the
+//!   commands, and a load run with a progress bar.
+//! * [`cli`]: `strata bench run|tiers|compare|objbacker|soak` ([`BenchArgs`], [`cli_main`]);
+//!   it depends on the commands, they never on it.
 
 pub mod cli;
 pub mod compare;
@@ -25,7 +28,9 @@ pub mod job;
 pub mod load;
 pub mod minitarget;
 pub mod objbench;
+pub mod opts;
 pub mod plot;
+pub mod progress;
 pub mod report;
 pub mod soak;
 pub mod stats;

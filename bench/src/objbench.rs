@@ -14,6 +14,8 @@
 //! for `--backend file`), `strata serve` children, and this process's load
 //! generator. Rounds alternate raw and NVMe/TCP so machine drift hits both.
 
+mod s3;
+#[cfg(feature = "s3-server")]
 mod s3server;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -36,7 +38,9 @@ use crate::job::{JobSpec, Rw, parse_duration, parse_size};
 use crate::load::{self, Progress};
 use crate::report::human_bytes;
 
-pub use s3server::{ReqCounts, S3Server};
+pub use s3::{ReqCounts, S3Args, S3Store};
+#[cfg(feature = "s3-server")]
+pub use s3server::S3Server;
 
 const MIB: u64 = 1 << 20;
 const OBJECT_SIZE: u64 = MIB;
@@ -50,7 +54,8 @@ const PREFIX_RAW: &str = "raw";
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
-    /// Embedded S3 server (s3s-fs) on 127.0.0.1, requests counted.
+    /// S3: the store at --s3-endpoint, or an embedded S3 server (s3s-fs)
+    /// on 127.0.0.1 with requests counted (builds with `s3-server`).
     S3,
     /// Local directories (file:// buckets); PUTs are estimated from files
     /// rewritten, a lower bound.
@@ -93,6 +98,8 @@ pub struct ObjBenchArgs {
     pub dir: Option<PathBuf>,
     #[arg(long)]
     pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub s3: S3Args,
 }
 
 /// Resolved settings.
@@ -109,6 +116,9 @@ pub struct Settings {
     pub seq_bs_bytes: u64,
     pub rand_bs_bytes: u64,
     pub rand_region_bytes: u64,
+    /// Kept out of the report: it may hold credentials.
+    #[serde(skip)]
+    pub s3: S3Args,
 }
 
 impl Settings {
@@ -125,6 +135,7 @@ impl Settings {
             seq_bs_bytes: MIB,
             rand_bs_bytes: 4096,
             rand_region_bytes: parse_size(&a.rand_size)?,
+            s3: a.s3.clone(),
         };
         ensure!(
             s.size_bytes >= 4 * MIB && s.size_bytes.is_multiple_of(MIB),
@@ -743,30 +754,13 @@ pub fn run(s: &Settings, bin: &Path, dir: Option<&Path>, progress: bool) -> Resu
     let server;
     let (ns_urls, raw_stores, store_options, file_dirs): BackendSetup = match s.backend {
         Backend::S3 => {
-            let root = dir.join("s3");
-            for k in 0..nb {
-                std::fs::create_dir_all(root.join(format!("strata-{k}")))?;
-            }
-            let srv = server_rt.block_on(S3Server::start(&root))?;
-            let endpoint = srv.endpoint();
-            let stores = (0..nb)
-                .map(|k| {
-                    object_store::aws::AmazonS3Builder::new()
-                        .with_endpoint(&endpoint)
-                        .with_allow_http(true)
-                        .with_virtual_hosted_style_request(false)
-                        .with_region("us-east-1")
-                        .with_bucket_name(format!("strata-{k}"))
-                        .with_access_key_id(s3server::ACCESS_KEY)
-                        .with_secret_access_key(s3server::SECRET_KEY)
-                        .build()
-                        .map(|b| Arc::new(b) as Arc<dyn ObjectStore>)
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let opts = srv.store_options();
-            server = Some(srv);
+            let st = S3Store::open(&s.s3, &dir.join("s3"), nb, &server_rt)?;
+            let stores = (0..nb).map(|k| st.client(k)).collect::<Result<Vec<_>>>()?;
+            let opts = st.store_options();
+            let buckets: Vec<String> = (0..nb).map(|k| st.bucket(k)).collect();
+            server = Some(st);
             (
-                Box::new(move |p| (0..nb).map(|k| format!("s3://strata-{k}/{p}")).collect()),
+                Box::new(move |p| buckets.iter().map(|b| format!("s3://{b}/{p}")).collect()),
                 stores,
                 opts,
                 Box::new(|_| Vec::new()),
@@ -848,7 +842,7 @@ pub fn run(s: &Settings, bin: &Path, dir: Option<&Path>, progress: bool) -> Resu
     }
 
     log(progress, "coalescing: 4 KiB random writes, 0 ms namespace");
-    let counts = |p: &str| server.as_ref().map(|srv| srv.counter.get(p));
+    let counts = |p: &str| server.as_ref().and_then(|srv| srv.counts(p));
     let before = counts(PREFIX_NS0);
     let since = SystemTime::now();
     let spec = JobSpec {

@@ -28,11 +28,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use serde::Serialize;
-use strata_target::pdu::{self, H2CData, PduHeader};
-use strata_target::spec::{
-    ConnectData, NvmeCmd, SGL_ID_DATA_BLOCK_OFFSET, SGL_ID_TRANSPORT_DATA_BLOCK, SglDescriptor,
-    admin_opc, fctype, io_opc,
-};
+use strata_target::host;
+use strata_target::pdu::{H2CData, PduHeader};
+use strata_target::spec::{ConnectData, io_opc};
 
 use crate::conn::Conn;
 use crate::initiator::{ConnectOpts, Controller, ControllerInfo, IoQueue};
@@ -1103,21 +1101,18 @@ fn episode(
                 let shift = info.lba_size.trailing_zeros();
                 let data = vec![0xa5u8 ^ idx as u8; WITHHELD_WRITE as usize];
                 for cid in 0..WITHHELD_WRITES {
-                    let mut cmd = NvmeCmd::default();
-                    cmd.set_opcode(io_opc::WRITE);
-                    cmd.0[1] = 0x40;
+                    let nlb = WITHHELD_WRITE >> shift;
+                    let slba = lba + (u64::from(cid) % 2) * u64::from(nlb);
+                    let mut cmd = host::rw_cmd(
+                        io_opc::WRITE,
+                        mis.opts.nsid,
+                        slba,
+                        nlb,
+                        WITHHELD_WRITE,
+                        false,
+                    );
                     cmd.set_cid(cid);
-                    cmd.set_nsid(mis.opts.nsid);
-                    let slba = lba + (u64::from(cid) % 2) * u64::from(WITHHELD_WRITE >> shift);
-                    cmd.set_cdw(10, slba as u32);
-                    cmd.set_cdw(11, (slba >> 32) as u32);
-                    cmd.set_cdw(12, (WITHHELD_WRITE >> shift) - 1);
-                    cmd.set_sgl(SglDescriptor {
-                        addr: 0,
-                        len: WITHHELD_WRITE,
-                        id: SGL_ID_TRANSPORT_DATA_BLOCK,
-                    });
-                    pdu::encode_capsule_cmd(&cmd, 0, hd, dd, &mut c.tx);
+                    host::encode_capsule(&cmd, &[], hd, dd, &mut c.tx);
                 }
                 loop {
                     let r = (|| -> Result<()> {
@@ -1136,12 +1131,8 @@ fn episode(
                                         datal: max,
                                         last: false,
                                     };
-                                    pdu::encode_h2c_data(&h, hd, dd, &mut c.tx);
                                     let chunk = &data[pos as usize..(pos + max) as usize];
-                                    c.tx.extend_from_slice(chunk);
-                                    if dd {
-                                        pdu::encode_ddgst(pdu::crc32c(chunk), &mut c.tx);
-                                    }
+                                    host::encode_h2c(&h, chunk, hd, dd, &mut c.tx);
                                     pos += max;
                                 }
                             }
@@ -1166,31 +1157,16 @@ fn episode(
 /// host that then drives the data phase itself.
 fn io_conn(opts: &ConnectOpts, info: &ControllerInfo, qid: u16, entries: u16) -> Result<Conn> {
     let mut c = Conn::connect(opts.addr, opts.hdgst, opts.ddgst, 64 << 10, opts.timeout)?;
-    let mut cmd = NvmeCmd::default();
-    cmd.set_opcode(admin_opc::FABRICS);
-    cmd.0[1] = 0x40;
-    cmd.0[4] = fctype::CONNECT;
-    cmd.set_cid(0);
-    cmd.set_cdw(10, u32::from(qid) << 16);
-    cmd.set_cdw(11, u32::from(entries - 1));
     let cd = ConnectData {
         hostid: opts.hostid,
         cntlid: info.cntlid,
         subnqn: opts.subnqn.clone(),
         hostnqn: opts.hostnqn.clone(),
-    }
-    .encode();
-    cmd.set_sgl(SglDescriptor {
-        addr: 0,
-        len: cd.len() as u32,
-        id: SGL_ID_DATA_BLOCK_OFFSET,
-    });
+    };
+    let (mut cmd, cd) = host::connect(qid, entries - 1, 0, &cd);
+    cmd.set_cid(0);
     let (hd, dd) = (c.cfg.hdgst, c.cfg.ddgst);
-    pdu::encode_capsule_cmd(&cmd, cd.len(), hd, dd, &mut c.tx);
-    c.tx.extend_from_slice(&cd);
-    if dd {
-        pdu::encode_ddgst(pdu::crc32c(&cd), &mut c.tx);
-    }
+    host::encode_capsule(&cmd, &cd, hd, dd, &mut c.tx);
     c.flush_blocking(opts.timeout)?;
     let p = c.next_pdu_blocking(Instant::now() + opts.timeout)?;
     match p.header {

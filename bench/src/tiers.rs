@@ -2,17 +2,48 @@
 //! IOPS whose p99 stays under the SLO, and the best QD1 latency.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::Serialize;
 use strata_tier::{Measured, Tier, TierProfile, Verdict};
 
-use crate::cli::{Endpoint, TiersArgs, run_with_progress};
 use crate::initiator::ConnectOpts;
 use crate::job::{JobSpec, Rw, parse_duration, parse_size};
+use crate::opts::{Endpoint, TargetArgs};
 use crate::plot::{Series, qd_chart};
+use crate::progress::run_with_progress;
 use crate::report::Report;
+
+#[derive(clap::Args, Debug)]
+pub struct TiersArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Tiers to measure (default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub tier: Vec<strata_tier::Tier>,
+    /// Length of each measured step of the search.
+    #[arg(long, default_value = "2s")]
+    pub step_time: String,
+    #[arg(long, default_value = "300ms")]
+    pub ramp: String,
+    /// Cores the target runs on, for the per-core column (default: this
+    /// machine's, as the target is usually local in these runs).
+    #[arg(long)]
+    pub target_cores: Option<u32>,
+    /// Multiply the reference IOPS by this before judging the SLO.
+    #[arg(long, default_value_t = 1.0)]
+    pub ref_scale: f64,
+    /// Region exercised, e.g. 256m (default: whole namespace).
+    #[arg(long)]
+    pub size: Option<String>,
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    #[arg(long)]
+    pub no_progress: bool,
+}
 
 /// One measured point of a search.
 #[derive(Clone, Debug, Serialize)]

@@ -11,7 +11,7 @@ fn strata_bin() -> std::path::PathBuf {
     common::strata_bin(&["serve", "--help"])
 }
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -24,28 +24,9 @@ use strata_bench::load::{self, Progress, RunOutput, VerifyState};
 use strata_bench::minitarget::MiniTarget;
 use strata_bench::report::Report;
 use strata_bench::verify::ErrorKind;
+use strata_testkit::free_port;
 
 const DEFAULT_NQN: &str = "nqn.2026-11.dev.strata:default";
-
-fn free_port() -> u16 {
-    // Below the kernel's ephemeral range (32768+), so no outgoing
-    // connection can take the port between this check and the bind; unique
-    // within the process, so two calls never return the same port.
-    use std::sync::Mutex;
-    static NEXT: Mutex<u32> = Mutex::new(0);
-    let mut next = NEXT.lock().unwrap();
-    if *next == 0 {
-        *next = 20_000 + (std::process::id() * 7919) % 12_000;
-    }
-    for _ in 0..12_000 {
-        let p = *next as u16;
-        *next = if *next >= 31_999 { 20_000 } else { *next + 1 };
-        if TcpListener::bind(("127.0.0.1", p)).is_ok() {
-            return p;
-        }
-    }
-    panic!("no free port in 20000..32000")
-}
 
 struct Serve {
     child: Child,

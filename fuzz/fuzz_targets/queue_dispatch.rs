@@ -10,10 +10,10 @@ use std::task::{Context, Waker};
 
 use libfuzzer_sys::fuzz_target;
 use strata_target::bdev::ram::RamBdev;
-use strata_target::pdu::{self, ICReq};
+use strata_target::host;
 use strata_target::queue::{QueueLimits, QueuePair};
-use strata_target::spec::{self, ConnectData, NvmeCmd, SglDescriptor};
 use strata_target::ctrlr::Target;
+use strata_target::spec::{self, ConnectData, NvmeCmd};
 use strata_target::subsystem::TargetConfig;
 
 const NQN: &str = "nqn.2026-11.dev.strata:fuzz";
@@ -37,8 +37,7 @@ fn feed(qp: &mut QueuePair, bytes: &[u8], now: u64) {
 
 fn capsule(cmd: &NvmeCmd, data: &[u8]) -> Vec<u8> {
     let mut b = Vec::new();
-    pdu::encode_capsule_cmd(cmd, data.len(), false, false, &mut b);
-    b.extend_from_slice(data);
+    host::encode_capsule(cmd, data, false, false, &mut b);
     b
 }
 
@@ -53,16 +52,11 @@ struct ConnectParams {
 
 fn connect(qp: &mut QueuePair, qid: u16, cntlid: u16, p: &ConnectParams) {
     let mut b = Vec::new();
-    pdu::encode_icreq(&ICReq { pfv: 0, hpda: 0, hdgst: false, ddgst: false, maxr2t: 0 }, &mut b);
-    let mut c = NvmeCmd::default();
-    c.set_opcode(spec::admin_opc::FABRICS);
-    c.0[4] = spec::fctype::CONNECT;
-    c.set_cdw(10, u32::from(qid) << 16);
-    c.set_cdw(11, u32::from(p.sqsize) | (u32::from(p.cattr) << 16));
-    c.set_cdw(12, p.kato);
-    c.set_sgl(SglDescriptor { addr: 0, len: 1024, id: spec::SGL_ID_DATA_BLOCK_OFFSET });
+    host::encode_icreq(false, false, &mut b);
     let d = ConnectData { hostid: [2; 16], cntlid, subnqn: p.subnqn.into(), hostnqn: p.hostnqn.into() };
-    b.extend(capsule(&c, &d.encode()));
+    let (mut c, d) = host::connect(qid, p.sqsize, p.kato, &d);
+    c.set_cdw(11, u32::from(p.sqsize) | (u32::from(p.cattr) << 16));
+    b.extend(capsule(&c, &d));
     feed(qp, &b, 1);
 }
 
@@ -105,15 +99,8 @@ fuzz_target!(|data: &[u8]| {
     let mut admin = QueuePair::new(t.clone(), 1, QueueLimits::default());
     connect(&mut admin, 0, 0xffff, &NORMAL);
     let Some(cntlid) = admin.ctrlr().map(|c| c.cntlid()) else { panic!("admin connect failed") };
-    let mut en = NvmeCmd::default();
-    en.set_opcode(spec::admin_opc::FABRICS);
-    en.0[4] = spec::fctype::PROPERTY_SET;
-    en.set_cdw(11, spec::prop::CC);
-    en.set_cdw(12, 1 | (6 << 16) | (4 << 20));
-    let mut nq = NvmeCmd::default();
-    nq.set_opcode(spec::admin_opc::SET_FEATURES);
-    nq.set_cdw(10, u32::from(spec::feat::NUMBER_OF_QUEUES));
-    nq.set_cdw(11, 0x0001_0001);
+    let en = host::property_set_cmd(spec::prop::CC, host::CC_ENABLE);
+    let nq = host::set_features_number_of_queues(1, 1);
     let mut b = capsule(&en, &[]);
     b.extend(capsule(&nq, &[]));
     feed(&mut admin, &b, 1);
@@ -134,7 +121,7 @@ fuzz_target!(|data: &[u8]| {
                 let n = (r[64] as usize * 64).min(r.len() - 65);
                 let mut cmd2 = cmd;
                 if n > 0 {
-                    cmd2.set_sgl(SglDescriptor { addr: 0, len: n as u32, id: spec::SGL_ID_DATA_BLOCK_OFFSET });
+                    cmd2.set_sgl(host::in_capsule_sgl(n as u32));
                 }
                 feed(qp, &capsule(&cmd2, &r[65..65 + n]), 2);
                 r = &r[65 + n..];

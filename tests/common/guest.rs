@@ -25,8 +25,6 @@
 #![allow(dead_code)]
 
 use std::io;
-use std::net::TcpListener;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -144,26 +142,9 @@ pub fn require_guest() {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound to port 0, then released).
-pub fn free_port() -> u16 {
-    // Below the kernel's ephemeral range (32768+), so no outgoing
-    // connection can take the port between this check and the bind; unique
-    // within the process, so two calls never return the same port.
-    use std::sync::Mutex;
-    static NEXT: Mutex<u32> = Mutex::new(0);
-    let mut next = NEXT.lock().unwrap();
-    if *next == 0 {
-        *next = 20_000 + (std::process::id() * 7919) % 12_000;
-    }
-    for _ in 0..12_000 {
-        let p = *next as u16;
-        *next = if *next >= 31_999 { 20_000 } else { *next + 1 };
-        if TcpListener::bind(("127.0.0.1", p)).is_ok() {
-            return p;
-        }
-    }
-    panic!("no free port in 20000..32000")
-}
+/// A free TCP port on 127.0.0.1, unique within the test process.
+#[allow(unused_imports)]
+pub use strata_testkit::free_port;
 
 /// Boots the guest with `script` (a POSIX sh script body) and returns when it powers off or `timeout` passes.
 pub fn run_guest(script: &str, timeout: Duration) -> io::Result<GuestRun> {
@@ -270,34 +251,12 @@ struct GuestProcess {
 
 impl GuestProcess {
     fn spawn(cmd: &mut Command) -> io::Result<GuestProcess> {
-        cmd.process_group(0);
-        #[cfg(target_os = "linux")]
-        {
-            let parent = std::process::id() as libc::pid_t;
-            // SAFETY: only async-signal-safe calls between fork and exec.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::prctl(
-                        libc::PR_SET_PDEATHSIG,
-                        libc::SIGKILL as libc::c_ulong,
-                        0,
-                        0,
-                        0,
-                    ) != 0
-                    {
-                        return Err(io::Error::last_os_error());
-                    }
-                    if libc::getppid() != parent {
-                        libc::_exit(1);
-                    }
-                    Ok(())
-                });
-            }
-        }
-        cmd.spawn().map(|child| GuestProcess {
-            child,
-            status: None,
-        })
+        strata_testkit::guard_command(cmd)
+            .spawn()
+            .map(|child| GuestProcess {
+                child,
+                status: None,
+            })
     }
 
     /// The exit status, or a synthetic [`EXIT_TIMEOUT`] after killing it

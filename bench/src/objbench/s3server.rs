@@ -1,6 +1,7 @@
 //! An embedded S3 server (s3s-fs over a local directory) on 127.0.0.1:0
 //! that counts the requests it receives, per key prefix, so the benchmark
-//! can say how many PUTs a workload caused at the store.
+//! can say how many PUTs a workload caused at the store. Only in builds
+//! with the `s3-server` feature.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -8,35 +9,12 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
-use serde::Serialize;
+
+use super::s3::ReqCounts;
 
 /// SigV4 credentials of the embedded server.
 pub const ACCESS_KEY: &str = "strata-bench-ak";
 pub const SECRET_KEY: &str = "strata-bench-secret-key";
-
-/// Requests received for one key prefix (the first path segment after the
-/// bucket: `/bucket/PREFIX/key`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct ReqCounts {
-    pub puts: u64,
-    /// Sum of the PUTs' Content-Length.
-    pub put_bytes: u64,
-    pub gets: u64,
-    pub deletes: u64,
-    pub other: u64,
-}
-
-impl ReqCounts {
-    pub fn since(&self, before: &ReqCounts) -> ReqCounts {
-        ReqCounts {
-            puts: self.puts - before.puts,
-            put_bytes: self.put_bytes - before.put_bytes,
-            gets: self.gets - before.gets,
-            deletes: self.deletes - before.deletes,
-            other: self.other - before.other,
-        }
-    }
-}
 
 #[derive(Default)]
 pub struct Counter {
@@ -134,19 +112,6 @@ impl S3Server {
 
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
-    }
-
-    /// object_store settings for this server (also the namespace's
-    /// `store_options`).
-    pub fn store_options(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("aws_endpoint", self.endpoint()),
-            ("aws_allow_http", "true".into()),
-            ("aws_virtual_hosted_style_request", "false".into()),
-            ("aws_region", "us-east-1".into()),
-            ("aws_access_key_id", ACCESS_KEY.into()),
-            ("aws_secret_access_key", SECRET_KEY.into()),
-        ]
     }
 }
 

@@ -2,6 +2,10 @@
 #![allow(dead_code)]
 
 use serde_json::Value;
+/// Children that die with the test: own process group, killed by the
+/// kernel when the test process dies.
+#[allow(unused_imports)]
+pub use strata_testkit::{guard_command, kill_and_reap};
 
 /// A JSON Schema validator for the subset of draft 2020-12 that
 /// `bench/schema/result.schema.json` uses: type (incl. arrays of types),
@@ -227,49 +231,4 @@ pub fn strata_bin(probe: &[&str]) -> std::path::PathBuf {
         probe.join(" ")
     );
     bin.clone()
-}
-
-/// Makes `cmd` safe to spawn from a test: own process group (killed as a
-/// group by [`kill_and_reap`]) and, on Linux, SIGKILL from the kernel when
-/// the spawning thread's process dies (PR_SET_PDEATHSIG). Spawn from a
-/// thread that outlives the child.
-pub fn guard_command(cmd: &mut std::process::Command) -> &mut std::process::Command {
-    use std::os::unix::process::CommandExt;
-    cmd.process_group(0);
-    #[cfg(target_os = "linux")]
-    {
-        let parent = std::process::id() as libc::pid_t;
-        // SAFETY: only async-signal-safe calls (prctl, getppid, _exit)
-        // between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::prctl(
-                    libc::PR_SET_PDEATHSIG,
-                    libc::SIGKILL as libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                ) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if libc::getppid() != parent {
-                    libc::_exit(1);
-                }
-                Ok(())
-            });
-        }
-    }
-    cmd
-}
-
-/// SIGKILLs the process group `child` leads and reaps it. The tests never
-/// reap the child themselves, so its pid (the group id) is still ours.
-pub fn kill_and_reap(child: &mut std::process::Child) {
-    // SAFETY: kill(2) on the group our own, unreaped child leads.
-    unsafe {
-        libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL);
-    }
-    let _ = child.kill();
-    let _ = child.wait();
 }

@@ -7,9 +7,6 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use futures::TryStreamExt;
-use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt};
 use strata_objbacker::{ObjBacker, ObjBackerConfig};
 use strata_target::bdev::{Bdev, BdevChannel, BdevCompletion, BdevIo, IoBuf, IoError, IoOp};
 
@@ -144,26 +141,8 @@ impl Host {
     }
 }
 
-/// Keys (relative to the store root) and sizes, sorted.
-pub async fn list(store: &dyn ObjectStore, prefix: Option<&str>) -> Vec<(String, u64)> {
-    let p = prefix.map(Path::from);
-    let mut v: Vec<(String, u64)> = store
-        .list(p.as_ref())
-        .map_ok(|m| (m.location.to_string(), m.size))
-        .try_collect()
-        .await
-        .expect("list");
-    v.sort();
-    v
-}
-
-pub async fn get(store: &dyn ObjectStore, key: &str) -> Option<Vec<u8>> {
-    match store.get(&Path::from(key)).await {
-        Ok(r) => Some(r.bytes().await.expect("body").to_vec()),
-        Err(object_store::Error::NotFound { .. }) => None,
-        Err(e) => panic!("get {key}: {e}"),
-    }
-}
+#[allow(unused_imports)]
+pub use strata_testkit::objstores::{get, list};
 
 /// Asserts `got` equals `want`, reporting the first differing offset.
 pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
