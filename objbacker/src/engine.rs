@@ -195,6 +195,10 @@ struct State {
     fail_seq: u64,
     busy_count: usize,
     cache: HashMap<u64, Cached>,
+    /// Bytes reads have taken from each cached object. A sequential reader
+    /// is done with an object once it has taken all of it, in whatever
+    /// order its concurrent reads ran.
+    cache_served: HashMap<u64, u64>,
     cache_order: VecDeque<u64>,
     /// GETs in flight per object, demand and read-ahead alike, so no
     /// object is fetched twice at once.
@@ -275,6 +279,7 @@ impl State {
         }
     }
     fn uncache(&mut self, i: u64) {
+        self.cache_served.remove(&i);
         if self.cache.remove(&i).is_some() {
             self.cache_order.retain(|&x| x != i);
         }
@@ -502,6 +507,7 @@ impl Inner {
                 fail_seq: 0,
                 busy_count: 0,
                 cache: HashMap::new(),
+                cache_served: HashMap::new(),
                 cache_order: VecDeque::new(),
                 fetching: HashMap::new(),
                 prefetches: 0,
@@ -1353,6 +1359,7 @@ impl Inner {
                             break;
                         };
                         st.cache.remove(&old);
+                        st.cache_served.remove(&old);
                     }
                     st.fetching.entry(j).or_default().prefetch = Some(true);
                     st.prefetches += 1;
@@ -1464,8 +1471,12 @@ impl Inner {
                     if from_cache {
                         self.retry.stats.cache_hits.fetch_add(1, Relaxed);
                         // A sequential reader is done with the object once it
-                        // has read its end: free the room for read-ahead.
-                        if b == len {
+                        // has read all of it: free the room for read-ahead.
+                        // Not at its last byte: at QD > 1 the read of the end
+                        // may run before the reads of the middle.
+                        let served = st.cache_served.entry(i).or_default();
+                        *served += b - a;
+                        if *served >= len {
                             st.uncache(i);
                         }
                     }

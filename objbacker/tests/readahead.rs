@@ -230,11 +230,9 @@ async fn every_object_is_fetched_once_at_qd1_qd4_qd16() {
     }
 }
 
-// KNOWN FAILING, ignored: with 32 KiB reads at QD4, about 60 of 256 objects
-// are fetched 2-4 times (one ranged demand GET per read that found neither a
-// cache entry nor a read-ahead GET). Object-sized reads (above) are fetched
-// exactly once. Kept so that the fix has its test.
-#[ignore = "known open issue: sub-object sequential reads still fetch some objects 2-4 times"]
+/// Reads smaller than an object, several in flight: a cached object stays
+/// until its reads have taken all of it (not merely its last byte, which
+/// at QD4 may be read first), so no later read of it goes to the store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_sequential_reads_fetch_each_object_once() {
     // 32 KiB reads: 4 per object. Object 0 is read before the stream is
