@@ -241,8 +241,9 @@ pub struct Coalescing {
     pub put_bytes: u64,
     /// GETs in the same span (read-modify-write of partial objects).
     pub gets: u64,
-    /// True when counted at the S3 server; false for `file`, where the
-    /// figure is the number of object files rewritten (a lower bound).
+    /// True when counted at the embedded S3 server; false for `file`, where
+    /// the figure is the number of object files rewritten (a lower bound),
+    /// and for an external S3 store, where nothing is counted (0).
     pub puts_exact: bool,
     /// 4 KiB writes per PUT: what coalescing saves (>= 1).
     pub writes_per_put: f64,
@@ -331,6 +332,10 @@ impl ObjBenchReport {
             c.puts,
             if c.puts_exact {
                 ""
+            } else if s.backend == Backend::S3 {
+                // An external store (--s3-endpoint): nothing here sees its
+                // requests, and a 0 must not read as "no PUTs".
+                " (not counted: only the embedded S3 server counts requests)"
             } else {
                 " (files rewritten, lower bound)"
             },
