@@ -65,10 +65,16 @@ impl Server {
         s
     }
 
+    /// Ready means the configuration is applied, not only the port open:
+    /// listeners accept before the subsystems are attached, and a host that
+    /// connects in between is refused (see docs/ARCHITECTURE.md, "Known
+    /// gaps").
     fn wait_ready(&self, port: u16) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            if TcpStream::connect(("127.0.0.1", port)).is_ok()
+                && self.log_text().contains("strata serve started")
+            {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
