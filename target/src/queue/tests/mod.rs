@@ -325,11 +325,7 @@ fn write(io: &mut Host, slba: u64, data: &[u8]) -> NvmeCpl {
             datal: n as u32,
             last: off + n == data.len(),
         };
-        pdu::encode_h2c_data(&h, io.hdgst, io.ddgst, &mut out);
-        out.extend_from_slice(&data[off..off + n]);
-        if io.ddgst {
-            pdu::encode_ddgst(pdu::crc32c(&data[off..off + n]), &mut out);
-        }
+        crate::host::encode_h2c(&h, &data[off..off + n], io.hdgst, io.ddgst, &mut out);
         off += n;
     }
     let r = io.send(&out);
