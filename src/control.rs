@@ -39,7 +39,7 @@ use strata_target::bdev::ram::RamBdev;
 use strata_target::bdev::uring::{UringBdev, UringOptions};
 use strata_target::ctrlr::Target;
 use strata_target::subsystem::{NamespaceConfig, PortConfig, SubsystemConfig, TargetConfig};
-use strata_target::transport::{Transport, TransportConfig};
+use strata_target::transport::{BoundListener, Transport, TransportConfig};
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot};
 
@@ -159,10 +159,7 @@ struct ToOpen {
 /// Undo record of one side effect of a reload that has not committed yet.
 enum Undo {
     /// A file that did not exist before (remove) or was shorter (truncate).
-    File {
-        path: PathBuf,
-        old_len: Option<u64>,
-    },
+    File { path: PathBuf, old_len: Option<u64> },
     /// A directory (and everything under it) this reload created.
     Dir(PathBuf),
     /// A directory that existed and was empty: empty it again.
@@ -171,7 +168,6 @@ enum Undo {
     Obj(Arc<ObjBacker>),
     /// A bucket outside the local filesystem that this reload formatted.
     FormattedRemote(String),
-    Listener(u16),
 }
 
 impl ControlPlane {
@@ -322,6 +318,10 @@ impl ControlPlane {
             .collect();
         let stale_addrs: HashSet<SocketAddr> = stale.iter().map(|id| self.bound[id]).collect();
         let mut late = Vec::new();
+        // Bound but not accepting until the target configuration they
+        // serve is applied (hosts wait in the backlog meanwhile); a
+        // refused reload drops them, closing the sockets.
+        let mut pending: Vec<(u16, BoundListener)> = Vec::new();
         for (&id, &addr) in &want {
             if self.bound.get(&id) == Some(&addr) {
                 continue;
@@ -330,10 +330,8 @@ impl ControlPlane {
                 late.push((id, addr));
                 continue;
             }
-            match self.transport_mut().add_listener(addr, id) {
-                Ok(local) => {
-                    self.bound_pending(id, local, &mut undo);
-                }
+            match BoundListener::bind(addr) {
+                Ok(b) => pending.push((id, b)),
                 Err(e) => {
                     drop(opened);
                     let rb = self.rollback(undo).await;
@@ -394,6 +392,18 @@ impl ControlPlane {
         self.port_ids = port_ids;
         self.next_port_id = next_port_id;
         self.target.apply(TargetConfig { subsystems, ports });
+        for (id, b) in pending {
+            match self.transport_mut().start_listener(b, id) {
+                Ok(local) => {
+                    self.bound.insert(id, local);
+                }
+                Err(e) => {
+                    let w = format!("{}: cannot serve port {id}: {e}", cfg.source);
+                    tracing::error!("reload: {w}");
+                    report.warnings.push(w);
+                }
+            }
+        }
         for id in stale {
             self.transport_mut().remove_listener(id);
             self.bound.remove(&id);
@@ -424,11 +434,6 @@ impl ControlPlane {
         self.transport
             .as_mut()
             .expect("the transport lives until the control plane stops")
-    }
-
-    fn bound_pending(&mut self, id: u16, local: SocketAddr, undo: &mut Vec<Undo>) {
-        self.bound.insert(id, local);
-        undo.push(Undo::Listener(id));
     }
 
     /// Everything a reload can check before touching anything: returns the
@@ -615,10 +620,6 @@ impl ControlPlane {
         let mut left = Vec::new();
         for u in undo.into_iter().rev() {
             match u {
-                Undo::Listener(id) => {
-                    self.transport_mut().remove_listener(id);
-                    self.bound.remove(&id);
-                }
                 Undo::Obj(ob) => {
                     // Never exposed to a host: nothing to flush.
                     let _ = self.objstore.spawn_blocking(move || drop(ob)).await;

