@@ -41,9 +41,11 @@ use strata_target::ctrlr::Target;
 use strata_target::subsystem::{NamespaceConfig, PortConfig, SubsystemConfig, TargetConfig};
 use strata_target::transport::{BoundListener, Transport, TransportConfig};
 use tokio::runtime::Handle;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{BackingSpec, ConfigError, ServeConfig};
+use crate::mgmt::ops::{self, Op, OpError, Running};
+use crate::state::StateDir;
 
 /// The discovery-only port. I/O listeners are numbered from 1.
 pub const DISCOVERY_PORT_ID: u16 = 0;
@@ -57,6 +59,9 @@ pub enum Request {
     /// Replace the running configuration (validate → apply → drain → flush
     /// → drop). Refused as a whole, changing nothing, if validation fails.
     Reload(Box<ServeConfig>),
+    /// One management change (`crate::mgmt`): applied to the running
+    /// configuration, then validated, applied and persisted as a reload.
+    Change(Box<Op>),
     /// Stop serving: close listeners and connections, flush and close every
     /// device. The control plane's task ends after answering.
     Shutdown,
@@ -65,7 +70,43 @@ pub enum Request {
 #[derive(Debug)]
 pub enum Response {
     Reloaded(ReloadReport),
+    /// A change was applied and persisted; the view after it.
+    Changed(Arc<View>),
     Stopped,
+}
+
+/// The running configuration as the management API shows it, published
+/// after every change so reads never wait behind a reload in progress.
+#[derive(Debug)]
+pub struct View {
+    pub cfg: ServeConfig,
+    /// Port id → bound address (port 0 in the config resolved).
+    pub bound: BTreeMap<u16, SocketAddr>,
+    /// Listener name → port id.
+    pub port_ids: HashMap<String, u16>,
+    /// Where the state is persisted (`None`: not persisted).
+    pub state_file: Option<PathBuf>,
+    /// (NQN, NSID) → bytes of the device serving it.
+    pub ns_sizes: HashMap<(String, u32), u64>,
+}
+
+impl View {
+    /// The bound address of a listener, by name.
+    pub fn bound_addr(&self, listener: &str) -> Option<SocketAddr> {
+        self.bound.get(self.port_ids.get(listener)?).copied()
+    }
+}
+
+/// Why a [`Request::Change`] was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    /// The change itself is invalid: nothing was touched.
+    #[error(transparent)]
+    Invalid(#[from] OpError),
+    /// Valid, but applying it failed (a path that cannot be created, a
+    /// port in use, a store that does not answer): rolled back.
+    #[error("{0:#}")]
+    Apply(anyhow::Error),
 }
 
 /// What a reload did.
@@ -89,6 +130,8 @@ type Envelope = (Request, oneshot::Sender<Result<Response>>);
 #[derive(Clone)]
 pub struct ControlHandle {
     tx: mpsc::UnboundedSender<Envelope>,
+    view: watch::Receiver<Arc<View>>,
+    target: Arc<Target>,
 }
 
 impl ControlHandle {
@@ -111,6 +154,29 @@ impl ControlHandle {
     pub async fn shutdown(&self) -> Result<()> {
         self.request(Request::Shutdown).await.map(|_| ())
     }
+
+    /// Applies one management change; the view after it.
+    pub async fn change(&self, op: Op) -> Result<Arc<View>, ChangeError> {
+        match self.request(Request::Change(Box::new(op))).await {
+            Ok(Response::Changed(v)) => Ok(v),
+            Ok(other) => Err(ChangeError::Apply(anyhow!(
+                "unexpected answer to a change: {other:?}"
+            ))),
+            Err(e) => Err(match e.downcast::<OpError>() {
+                Ok(op) => ChangeError::Invalid(op),
+                Err(e) => ChangeError::Apply(e),
+            }),
+        }
+    }
+
+    /// The running configuration, as of the last completed change.
+    pub fn view(&self) -> Arc<View> {
+        self.view.borrow().clone()
+    }
+
+    pub fn target(&self) -> &Arc<Target> {
+        &self.target
+    }
 }
 
 /// Everything the control plane needs that is not in the configuration.
@@ -122,6 +188,8 @@ pub struct ControlOptions {
     /// How long a removed object-backed namespace may stay referenced by
     /// queues before it is flushed anyway (and the delay logged).
     pub drain_timeout: Duration,
+    /// Where every applied configuration is persisted (`None`: nowhere).
+    pub state: Option<StateDir>,
 }
 
 /// (subsystem NQN, NSID, backing, block size): a reload that keeps all four
@@ -148,6 +216,10 @@ pub struct ControlPlane {
     /// Port id → address currently bound.
     bound: BTreeMap<u16, SocketAddr>,
     rx: mpsc::UnboundedReceiver<Envelope>,
+    /// The configuration in force (the last one applied).
+    current: ServeConfig,
+    state: Option<StateDir>,
+    view: watch::Sender<Arc<View>>,
 }
 
 /// A namespace this reload has to open.
@@ -177,8 +249,15 @@ impl ControlPlane {
         let target = Target::new(TargetConfig::default());
         let transport = Transport::start(target.clone(), opts.transport)?;
         let (tx, rx) = mpsc::unbounded_channel();
+        let (view, view_rx) = watch::channel(Arc::new(View {
+            cfg: cfg.clone(),
+            bound: BTreeMap::new(),
+            port_ids: HashMap::new(),
+            state_file: opts.state.as_ref().map(StateDir::path),
+            ns_sizes: HashMap::new(),
+        }));
         let mut cp = ControlPlane {
-            target,
+            target: target.clone(),
             transport: Some(transport),
             objstore: opts.objstore,
             drain_timeout: opts.drain_timeout,
@@ -187,12 +266,75 @@ impl ControlPlane {
             next_port_id: 1,
             bound: BTreeMap::new(),
             rx,
+            current: cfg.clone(),
+            state: opts.state,
+            view,
         };
-        if let Err(e) = cp.reload(&cfg).await {
+        if let Err(e) = cp.commit(&cfg).await {
             cp.stop().await;
             return Err(e);
         }
-        Ok((cp, ControlHandle { tx }))
+        Ok((
+            cp,
+            ControlHandle {
+                tx,
+                view: view_rx,
+                target,
+            },
+        ))
+    }
+
+    /// Reload, then persist, then publish. A configuration that cannot be
+    /// persisted is rolled back (to the one in force before), so what runs
+    /// is always what a restart would load.
+    async fn commit(&mut self, cfg: &ServeConfig) -> Result<ReloadReport> {
+        let report = self.reload(cfg).await?;
+        if let Some(st) = &self.state {
+            if let Err(e) = st.save(cfg) {
+                let old = self.current.clone();
+                if let Err(rb) = self.reload(&old).await {
+                    tracing::error!("rolling back an unpersisted change failed: {rb:#}");
+                }
+                return Err(e.context(
+                    "the change was applied but could not be persisted, so it was rolled back",
+                ));
+            }
+        }
+        self.current = cfg.clone();
+        self.publish();
+        Ok(report)
+    }
+
+    fn publish(&self) {
+        self.view.send_replace(Arc::new(View {
+            cfg: self.current.clone(),
+            bound: self.bound.clone(),
+            port_ids: self.port_ids.clone(),
+            state_file: self.state.as_ref().map(StateDir::path),
+            ns_sizes: self.running().ns_sizes,
+        }));
+    }
+
+    /// What only the running target knows, for [`crate::mgmt::ops::apply`].
+    fn running(&self) -> Running {
+        let mut run = Running::default();
+        for c in self.target.controllers() {
+            if !c.is_discovery() && !c.is_destroyed() {
+                *run.controllers.entry(c.subnqn().to_string()).or_default() += 1;
+            }
+        }
+        for (k, d) in &self.devs {
+            let i = d.bdev.info();
+            run.ns_sizes
+                .insert((k.0.clone(), k.1), i.num_blocks * u64::from(i.block_size));
+        }
+        run
+    }
+
+    async fn change(&mut self, op: &Op) -> Result<Arc<View>> {
+        let new = ops::apply(&self.current, op, &self.running())?;
+        self.commit(&new).await?;
+        Ok(self.view.borrow().clone())
     }
 
     pub fn target(&self) -> &Arc<Target> {
@@ -214,7 +356,11 @@ impl ControlPlane {
         while let Some((req, reply)) = self.rx.recv().await {
             match req {
                 Request::Reload(cfg) => {
-                    let r = self.reload(&cfg).await.map(Response::Reloaded);
+                    let r = self.commit(&cfg).await.map(Response::Reloaded);
+                    let _ = reply.send(r);
+                }
+                Request::Change(op) => {
+                    let r = self.change(&op).await.map(Response::Changed);
                     let _ = reply.send(r);
                 }
                 Request::Shutdown => {

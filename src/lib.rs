@@ -5,4 +5,6 @@
 pub mod config;
 pub mod control;
 pub mod logging;
+pub mod mgmt;
 pub mod serve;
+pub mod state;

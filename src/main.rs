@@ -31,7 +31,9 @@ struct Cli {
 enum Cmd {
     /// Run the NVMe/TCP target (the embedded default when no --config is given).
     Serve {
-        /// TOML configuration file (see docs/CONFIG.md). SIGHUP re-reads it.
+        /// TOML configuration file (see docs/CONFIG.md). It seeds an empty
+        /// state directory; afterwards the saved state is what starts.
+        /// SIGHUP applies the file again (or, without one, the state file).
         #[arg(long)]
         config: Option<PathBuf>,
         /// Override a listener's address; the Nth --listen replaces the Nth [[listener]].
@@ -48,7 +50,24 @@ enum Cmd {
         /// that pipelines is polled up to 4× this, a slow one not at all.
         #[arg(long)]
         poll_us: Option<u64>,
+        /// Where the running state is kept across restarts [default:
+        /// $STRATA_STATE_DIR, $STATE_DIRECTORY, or <data dir>/state].
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// The management API's Unix socket [default:
+        /// $STRATA_RUNTIME_DIR/mgmt.sock, see docs/MANAGEMENT.md].
+        #[arg(long)]
+        mgmt_socket: Option<PathBuf>,
+        /// Also serve the management API on TCP (needs --mgmt-token-file).
+        #[arg(long, value_name = "IP:PORT")]
+        mgmt_addr: Option<SocketAddr>,
+        /// Bearer token for --mgmt-addr, in a file of mode 0600.
+        #[arg(long)]
+        mgmt_token_file: Option<PathBuf>,
     },
+    /// Change a running `strata serve`: subsystems, namespaces, listeners,
+    /// hosts, ANA, controllers (see docs/MANAGEMENT.md).
+    Ctl(strata::mgmt::ctl::CtlArgs),
     /// Userspace NVMe/TCP load generator: run, tiers, compare (see docs/bench.md).
     Bench(Box<strata_bench::BenchArgs>),
     /// Object-backed devices: format, info, fsck (see docs/objbacker.md).
@@ -65,13 +84,28 @@ fn main() {
             discovery,
             reactors,
             poll_us,
+            state_dir,
+            mgmt_socket,
+            mgmt_addr,
+            mgmt_token_file,
         } => serve::run(serve::ServeArgs {
             config,
             listen,
             discovery,
             reactors,
             poll_us,
+            state_dir,
+            mgmt_socket,
+            mgmt_addr,
+            mgmt_token_file,
         }),
+        Cmd::Ctl(args) => match strata::mgmt::ctl::run(args) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                eprintln!("strata ctl: {}", e.msg);
+                std::process::exit(e.code);
+            }
+        },
         Cmd::Bench(args) => strata_bench::cli_main(*args),
         Cmd::Objbacker(args) => objbacker_cli::run(args),
     };

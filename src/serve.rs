@@ -13,6 +13,9 @@ use crate::config::ServeConfig;
 use crate::control::{
     ControlHandle, ControlOptions, ControlPlane, DEFAULT_DRAIN_TIMEOUT, DISCOVERY_PORT_ID,
 };
+use crate::mgmt::listen::{bind_unix, default_socket, read_token, serve_tcp, serve_unix};
+use crate::mgmt::server::Service;
+use crate::state::{StateDir, default_state_dir};
 
 pub use crate::control::objbacker_config;
 
@@ -23,15 +26,57 @@ pub struct ServeArgs {
     pub discovery: Option<SocketAddr>,
     pub reactors: Option<usize>,
     pub poll_us: Option<u64>,
+    /// Where the running state is persisted (default: [`default_state_dir`]).
+    pub state_dir: Option<PathBuf>,
+    /// The management socket (default: [`default_socket`]).
+    pub mgmt_socket: Option<PathBuf>,
+    /// Opt-in TCP address of the management API; needs `mgmt_token_file`.
+    pub mgmt_addr: Option<SocketAddr>,
+    pub mgmt_token_file: Option<PathBuf>,
 }
 
 /// The config file (or the embedded default) with the command-line
 /// overrides applied.
 pub fn load(args: &ServeArgs) -> Result<ServeConfig> {
-    let mut cfg = match &args.config {
+    let cfg = match &args.config {
         Some(p) => ServeConfig::load(p)?,
         None => ServeConfig::embedded_default(),
     };
+    overridden(args, cfg)
+}
+
+/// What SIGHUP applies: the `--config` file if one was given, else the
+/// state file (which an operator may have edited), with the overrides.
+fn reload_source(args: &ServeArgs, state_file: &std::path::Path) -> Result<ServeConfig> {
+    match &args.config {
+        Some(_) => load(args),
+        None => overridden(args, ServeConfig::load(state_file)?),
+    }
+}
+
+/// The state a start begins with: the saved state if the state directory
+/// holds one (it is the source of truth), else the config file or the
+/// embedded default, which seeds it.
+fn initial(args: &ServeArgs, state: &StateDir) -> Result<ServeConfig> {
+    // A broken --config is an error even when the saved state wins: the
+    // operator learns now, not at the next SIGHUP.
+    let seed = load(args)?;
+    match state.load()? {
+        Some(saved) => {
+            if let Some(c) = &args.config {
+                tracing::info!(
+                    state = %state.path().display(),
+                    config = %c.display(),
+                    "starting from the saved state; --config seeds only an empty state directory (SIGHUP applies it)"
+                );
+            }
+            overridden(args, saved)
+        }
+        None => Ok(seed),
+    }
+}
+
+fn overridden(args: &ServeArgs, mut cfg: ServeConfig) -> Result<ServeConfig> {
     for (i, addr) in args.listen.iter().enumerate() {
         match cfg.listeners.get_mut(i) {
             Some(l) => l.addr = *addr,
@@ -53,7 +98,18 @@ pub fn load(args: &ServeArgs) -> Result<ServeConfig> {
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
-    let cfg = load(&args)?;
+    let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
+    let state = StateDir::open(&state_dir)?;
+    let state_file = state.path();
+    let cfg = initial(&args, &state)?;
+    let socket = args.mgmt_socket.clone().unwrap_or_else(default_socket);
+    let token = match (&args.mgmt_addr, &args.mgmt_token_file) {
+        (Some(_), Some(f)) => Some(read_token(f)?),
+        (Some(a), None) => anyhow::bail!(
+            "--mgmt-addr {a} needs --mgmt-token-file: the management API is never open on TCP without a token"
+        ),
+        (None, _) => None,
+    };
     let mut tc = TransportConfig::default();
     cfg.limits.apply(&mut tc);
     if let Some(r) = cfg.reactors {
@@ -81,6 +137,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         transport: tc,
         objstore: objstore_rt.handle().clone(),
         drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+        state: Some(state),
     };
     let r = rt.block_on(async move {
         use tokio::signal::unix::{SignalKind, signal};
@@ -88,8 +145,35 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let mut int = signal(SignalKind::interrupt())?;
         let mut term = signal(SignalKind::terminate())?;
 
+        // Bound before anything starts, so a second strata serve on the
+        // same socket fails here, having changed nothing.
+        let mgmt_listener = bind_unix(&socket)?;
         let (cp, handle) = ControlPlane::start(cfg.clone(), opts).await?;
-        tracing::info!(reactors, config = %cfg.source, "strata serve started");
+        let (stop_mgmt, mgmt_stopped) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let mut mgmt = vec![tokio::spawn(serve_unix(
+            mgmt_listener,
+            Service::new(handle.clone(), reactors),
+            stopped(mgmt_stopped.clone()),
+        ))];
+        if let (Some(addr), Some(token)) = (args.mgmt_addr, token) {
+            mgmt.push(tokio::spawn(serve_tcp(
+                addr,
+                token,
+                Service::new(handle.clone(), reactors),
+                stopped(mgmt_stopped.clone()),
+            )));
+            tracing::info!(%addr, "management API on TCP (bearer token)");
+        }
+        tracing::info!(
+            reactors,
+            config = %cfg.source,
+            state = %state_file.display(),
+            socket = %socket.display(),
+            "strata serve started"
+        );
         print_connect_lines(&cfg, &cp);
         let control = tokio::spawn(cp.run());
         loop {
@@ -98,12 +182,19 @@ pub fn run(args: ServeArgs) -> Result<()> {
                     tracing::info!("SIGHUP: reloading configuration");
                     // Queued behind any reload in progress; signals keep
                     // being handled meanwhile.
-                    tokio::spawn(reload(args.clone(), handle.clone()));
+                    tokio::spawn(reload(args.clone(), state_file.clone(), handle.clone()));
                 }
                 _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
                 _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             }
         }
+        let _ = stop_mgmt.send(true);
+        for m in mgmt {
+            if let Ok(Err(e)) = m.await {
+                tracing::error!("{e:#}");
+            }
+        }
+        let _ = std::fs::remove_file(&socket);
         handle.shutdown().await?;
         let _ = control.await;
         anyhow::Ok(())
@@ -115,8 +206,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
     Ok(())
 }
 
-async fn reload(args: ServeArgs, handle: ControlHandle) {
-    let cfg = match load(&args) {
+async fn reload(args: ServeArgs, state_file: PathBuf, handle: ControlHandle) {
+    let cfg = match reload_source(&args, &state_file) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("reload refused, running configuration unchanged: {e:#}");

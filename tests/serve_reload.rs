@@ -429,6 +429,8 @@ fn start_with_args(dir: &Path, cfg: &Path, global: &[&str]) -> Server {
         .arg("--config")
         .arg(cfg)
         .env("STRATA_LOG", "info,strata_target=debug")
+        .env("STRATA_DATA_DIR", dir.join("data"))
+        .env("STRATA_RUNTIME_DIR", dir.join("run"))
         .env_remove("NO_COLOR")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())

@@ -313,7 +313,9 @@ fn config_errors_name_file_field_and_fix() {
     let out = support::output_within(
         std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
             .args(["serve", "--config"])
-            .arg(&cfg),
+            .arg(&cfg)
+            .env("STRATA_DATA_DIR", dir.path().join("data"))
+            .env("STRATA_RUNTIME_DIR", dir.path().join("run")),
         Duration::from_secs(30),
     );
     assert!(!out.status.success());

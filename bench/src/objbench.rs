@@ -430,6 +430,8 @@ impl ServeChild {
             .arg("--discovery")
             .arg(format!("127.0.0.1:{disc}"))
             .env("STRATA_DATA_DIR", dir.join("data"))
+            // Its own state and management socket, whatever else runs.
+            .env("STRATA_RUNTIME_DIR", dir.join("run"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)

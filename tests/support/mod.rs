@@ -49,6 +49,7 @@ impl Server {
             .arg(format!("127.0.0.1:{discovery_port}"))
             .env("STRATA_LOG", "info,strata_target=debug")
             .env("STRATA_DATA_DIR", dir.join("data"))
+            .env("STRATA_RUNTIME_DIR", dir.join("run"))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
         if let Some(c) = config {
@@ -154,6 +155,7 @@ impl Server {
             .arg(config)
             .env("STRATA_LOG", filter)
             .env("STRATA_DATA_DIR", dir.join("data"))
+            .env("STRATA_RUNTIME_DIR", dir.join("run"))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()

@@ -206,6 +206,8 @@ pub struct Ctrlr {
     enabled: AtomicBool,
     state: Mutex<AdminState>,
     io_view: Mutex<Arc<IoView>>,
+    /// The host's address on the admin connection, for management listings.
+    host_addr: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
 /// Connect response DW0 for an invalid parameter in the Connect data
@@ -519,7 +521,22 @@ impl Ctrlr {
                 generation: 0,
                 namespaces: Vec::new(),
             })),
+            host_addr: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Recorded once, by the admin queue that created this controller.
+    pub fn set_host_addr(&self, addr: std::net::SocketAddr) {
+        let _ = self.host_addr.set(addr);
+    }
+
+    pub fn host_addr(&self) -> Option<std::net::SocketAddr> {
+        self.host_addr.get().copied()
+    }
+
+    /// I/O queues connected now.
+    pub fn io_queues(&self) -> usize {
+        lock(&self.state).io_qids.len()
     }
 
     pub fn cntlid(&self) -> u16 {

@@ -63,6 +63,9 @@ impl QueuePair {
                 self.free_slots = (0..depth as u32).rev().collect();
                 self.role = match connected {
                     Connected::Admin { ctrlr } => {
+                        if let Some(p) = self.peer {
+                            ctrlr.set_host_addr(p);
+                        }
                         tracing::info!(
                             cntlid = ctrlr.cntlid(),
                             subnqn = ctrlr.subnqn(),

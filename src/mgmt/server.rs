@@ -1,0 +1,444 @@
+//! The `Management` gRPC service. Mutations become one
+//! [`Op`] each, sent to the control plane and answered once applied and
+//! persisted; reads are served from the last published view, so a slow
+//! reload (an objbacker attach) never blocks `ls` or `status`.
+
+use std::time::Instant;
+
+use strata_proto::mgmt::v1 as pb;
+use strata_proto::mgmt::v1::management_server::Management;
+use tonic::{Request, Response, Status};
+
+use super::convert::{self, find_subsystem, status_of};
+use super::ops::Op;
+use crate::control::{ChangeError, ControlHandle, View};
+
+pub struct Service {
+    ctl: ControlHandle,
+    started: Instant,
+    reactors: usize,
+}
+
+impl Service {
+    pub fn new(ctl: ControlHandle, reactors: usize) -> Self {
+        Self {
+            ctl,
+            started: Instant::now(),
+            reactors,
+        }
+    }
+
+    async fn change(&self, op: Op) -> Result<std::sync::Arc<View>, Status> {
+        tracing::info!(?op, "management change");
+        self.ctl.change(op).await.map_err(|e| match e {
+            ChangeError::Invalid(e) => status_of(&e),
+            ChangeError::Apply(e) => {
+                let msg = format!("{e:#}");
+                if msg.contains("control plane has stopped")
+                    || msg.contains("stopped before answering")
+                {
+                    Status::unavailable(msg)
+                } else {
+                    Status::failed_precondition(msg)
+                }
+            }
+        })
+    }
+
+    async fn subsystem_after(&self, op: Op, nqn: &str) -> Result<Response<pb::Subsystem>, Status> {
+        let v = self.change(op).await?;
+        let s = find_subsystem(&v.cfg, nqn)?;
+        Ok(Response::new(convert::subsystem(&v, s)))
+    }
+
+    fn listener_reply(v: &View, name: &str) -> Result<Response<pb::Listener>, Status> {
+        let i = v
+            .cfg
+            .listeners
+            .iter()
+            .position(|l| l.name == name)
+            .ok_or_else(|| Status::not_found(format!("listener: no listener `{name}`")))?;
+        Ok(Response::new(convert::listener(v, i)))
+    }
+}
+
+type R<T> = Result<Response<T>, Status>;
+
+fn required(v: &str, field: &str, example: &str) -> Result<(), Status> {
+    if v.is_empty() {
+        return Err(Status::invalid_argument(format!(
+            "{field}: missing; fix: give it, e.g. {example}"
+        )));
+    }
+    Ok(())
+}
+
+const NQN_EXAMPLE: &str = "nqn.2026-12.com.example:vol1";
+
+#[tonic::async_trait]
+impl Management for Service {
+    async fn status(&self, _: Request<pb::StatusRequest>) -> R<pb::StatusReply> {
+        let v = self.ctl.view();
+        let target = self.ctl.target();
+        let controllers = target
+            .controllers()
+            .iter()
+            .filter(|c| !c.is_discovery() && !c.is_destroyed())
+            .count();
+        Ok(Response::new(pb::StatusReply {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            reactors: self.reactors as u32,
+            subsystems: v.cfg.subsystems.len() as u32,
+            namespaces: v
+                .cfg
+                .subsystems
+                .iter()
+                .map(|s| s.namespaces.len())
+                .sum::<usize>() as u32,
+            controllers: controllers as u32,
+            state_file: v
+                .state_file
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            counters: Vec::new(),
+        }))
+    }
+
+    async fn list_subsystems(
+        &self,
+        _: Request<pb::ListSubsystemsRequest>,
+    ) -> R<pb::ListSubsystemsReply> {
+        let v = self.ctl.view();
+        Ok(Response::new(pb::ListSubsystemsReply {
+            subsystems: v
+                .cfg
+                .subsystems
+                .iter()
+                .map(|s| convert::subsystem(&v, s))
+                .collect(),
+        }))
+    }
+
+    async fn get_subsystem(&self, r: Request<pb::GetSubsystemRequest>) -> R<pb::Subsystem> {
+        let v = self.ctl.view();
+        let s = find_subsystem(&v.cfg, &r.get_ref().nqn)?;
+        Ok(Response::new(convert::subsystem(&v, s)))
+    }
+
+    async fn create_subsystem(&self, r: Request<pb::CreateSubsystemRequest>) -> R<pb::Subsystem> {
+        let r = r.into_inner();
+        required(&r.nqn, "nqn", NQN_EXAMPLE)?;
+        let nqn = r.nqn.clone();
+        let op = Op::CreateSubsystem {
+            nqn: r.nqn,
+            serial: Some(r.serial).filter(|s| !s.is_empty()),
+            model: Some(r.model).filter(|s| !s.is_empty()),
+            allow_any_host: r.allow_any_host,
+            hosts: r.hosts,
+            listeners: r.listeners,
+        };
+        self.subsystem_after(op, &nqn).await
+    }
+
+    async fn delete_subsystem(&self, r: Request<pb::DeleteSubsystemRequest>) -> R<pb::Empty> {
+        let r = r.into_inner();
+        self.change(Op::DeleteSubsystem {
+            nqn: r.nqn,
+            force: r.force,
+        })
+        .await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn set_allow_any_host(&self, r: Request<pb::SetAllowAnyHostRequest>) -> R<pb::Subsystem> {
+        let r = r.into_inner();
+        let nqn = r.nqn.clone();
+        self.subsystem_after(
+            Op::SetAllowAnyHost {
+                nqn: r.nqn,
+                allow: r.allow_any_host,
+            },
+            &nqn,
+        )
+        .await
+    }
+
+    async fn allow_host(&self, r: Request<pb::HostRequest>) -> R<pb::Subsystem> {
+        let r = r.into_inner();
+        required(&r.host_nqn, "host_nqn", "the host's /etc/nvme/hostnqn")?;
+        let nqn = r.nqn.clone();
+        self.subsystem_after(
+            Op::AllowHost {
+                nqn: r.nqn,
+                host: r.host_nqn,
+            },
+            &nqn,
+        )
+        .await
+    }
+
+    async fn deny_host(&self, r: Request<pb::HostRequest>) -> R<pb::Subsystem> {
+        let r = r.into_inner();
+        let nqn = r.nqn.clone();
+        self.subsystem_after(
+            Op::DenyHost {
+                nqn: r.nqn,
+                host: r.host_nqn,
+            },
+            &nqn,
+        )
+        .await
+    }
+
+    async fn add_namespace(&self, r: Request<pb::AddNamespaceRequest>) -> R<pb::Namespace> {
+        let r = r.into_inner();
+        let ns = convert::new_namespace(&r)?;
+        let before = self.ctl.view();
+        let v = self
+            .change(Op::AddNamespace {
+                nqn: r.nqn.clone(),
+                ns,
+            })
+            .await?;
+        // The new one is the NSID that was not there before.
+        let s = find_subsystem(&v.cfg, &r.nqn)?;
+        let old: Vec<u32> = find_subsystem(&before.cfg, &r.nqn)
+            .map(|s| s.namespaces.iter().map(|n| n.nsid).collect())
+            .unwrap_or_default();
+        let n = s
+            .namespaces
+            .iter()
+            .find(|n| {
+                if r.nsid != 0 {
+                    n.nsid == r.nsid
+                } else {
+                    !old.contains(&n.nsid)
+                }
+            })
+            .ok_or_else(|| Status::internal("the namespace added is not in the new state"))?;
+        Ok(Response::new(convert::namespace(&v, &r.nqn, n)))
+    }
+
+    async fn remove_namespace(&self, r: Request<pb::RemoveNamespaceRequest>) -> R<pb::Empty> {
+        let r = r.into_inner();
+        self.change(Op::RemoveNamespace {
+            nqn: r.nqn,
+            nsid: r.nsid,
+            force: r.force,
+        })
+        .await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn resize_namespace(&self, r: Request<pb::ResizeNamespaceRequest>) -> R<pb::Namespace> {
+        let r = r.into_inner();
+        let v = self
+            .change(Op::ResizeNamespace {
+                nqn: r.nqn.clone(),
+                nsid: r.nsid,
+                size: r.size,
+            })
+            .await?;
+        let s = find_subsystem(&v.cfg, &r.nqn)?;
+        let n = s
+            .namespaces
+            .iter()
+            .find(|n| n.nsid == r.nsid)
+            .ok_or_else(|| Status::internal("the namespace resized is not in the new state"))?;
+        Ok(Response::new(convert::namespace(&v, &r.nqn, n)))
+    }
+
+    async fn list_namespaces(
+        &self,
+        r: Request<pb::ListNamespacesRequest>,
+    ) -> R<pb::ListNamespacesReply> {
+        let v = self.ctl.view();
+        let nqn = &r.get_ref().nqn;
+        if !nqn.is_empty() {
+            find_subsystem(&v.cfg, nqn)?;
+        }
+        Ok(Response::new(pb::ListNamespacesReply {
+            namespaces: v
+                .cfg
+                .subsystems
+                .iter()
+                .filter(|s| nqn.is_empty() || &s.nqn == nqn)
+                .flat_map(|s| {
+                    s.namespaces
+                        .iter()
+                        .map(|n| convert::namespace(&v, &s.nqn, n))
+                })
+                .collect(),
+        }))
+    }
+
+    async fn add_listener(&self, r: Request<pb::AddListenerRequest>) -> R<pb::Listener> {
+        let r = r.into_inner();
+        required(&r.addr, "addr", "127.0.0.1:4420")?;
+        let v = self
+            .change(Op::AddListener {
+                name: r.name.clone(),
+                addr: r.addr,
+            })
+            .await?;
+        Self::listener_reply(&v, &r.name)
+    }
+
+    async fn remove_listener(&self, r: Request<pb::RemoveListenerRequest>) -> R<pb::Empty> {
+        self.change(Op::RemoveListener {
+            name: r.into_inner().name,
+        })
+        .await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn list_listeners(
+        &self,
+        _: Request<pb::ListListenersRequest>,
+    ) -> R<pb::ListListenersReply> {
+        let v = self.ctl.view();
+        Ok(Response::new(pb::ListListenersReply {
+            listeners: (0..v.cfg.listeners.len())
+                .map(|i| convert::listener(&v, i))
+                .collect(),
+        }))
+    }
+
+    async fn attach_listener(&self, r: Request<pb::AttachListenerRequest>) -> R<pb::Subsystem> {
+        let r = r.into_inner();
+        let nqn = r.nqn.clone();
+        self.subsystem_after(
+            Op::AttachListener {
+                nqn: r.nqn,
+                listener: r.listener,
+            },
+            &nqn,
+        )
+        .await
+    }
+
+    async fn detach_listener(&self, r: Request<pb::AttachListenerRequest>) -> R<pb::Subsystem> {
+        let r = r.into_inner();
+        let nqn = r.nqn.clone();
+        self.subsystem_after(
+            Op::DetachListener {
+                nqn: r.nqn,
+                listener: r.listener,
+            },
+            &nqn,
+        )
+        .await
+    }
+
+    async fn set_ana_state(&self, r: Request<pb::SetAnaStateRequest>) -> R<pb::Listener> {
+        let r = r.into_inner();
+        let state = pb::AnaState::try_from(r.state)
+            .ok()
+            .and_then(convert::ana_name)
+            .ok_or_else(|| {
+                Status::invalid_argument(
+                    "state: missing or unknown; fix: use optimized, non-optimized, inaccessible, persistent-loss or change",
+                )
+            })?;
+        let v = self
+            .change(Op::SetAnaState {
+                listener: r.listener.clone(),
+                group: r.group,
+                state: state.to_string(),
+            })
+            .await?;
+        Self::listener_reply(&v, &r.listener)
+    }
+
+    async fn list_controllers(
+        &self,
+        r: Request<pb::ListControllersRequest>,
+    ) -> R<pb::ListControllersReply> {
+        let v = self.ctl.view();
+        let nqn = &r.get_ref().nqn;
+        let by_port: std::collections::HashMap<u16, &str> =
+            v.port_ids.iter().map(|(n, id)| (*id, n.as_str())).collect();
+        let mut controllers: Vec<pb::Controller> = self
+            .ctl
+            .target()
+            .controllers()
+            .iter()
+            .filter(|c| !c.is_discovery() && !c.is_destroyed())
+            .filter(|c| nqn.is_empty() || c.subnqn() == nqn)
+            .map(|c| pb::Controller {
+                nqn: c.subnqn().to_string(),
+                cntlid: u32::from(c.cntlid()),
+                host_nqn: c.hostnqn().to_string(),
+                host_addr: c.host_addr().map(|a| a.to_string()).unwrap_or_default(),
+                listener: by_port.get(&c.port_id()).copied().unwrap_or("").to_string(),
+                io_queues: c.io_queues() as u32,
+                kato_ms: c.kato_ms(),
+            })
+            .collect();
+        controllers.sort_by(|a, b| (&a.nqn, a.cntlid).cmp(&(&b.nqn, b.cntlid)));
+        Ok(Response::new(pb::ListControllersReply { controllers }))
+    }
+
+    async fn disconnect_controller(
+        &self,
+        r: Request<pb::DisconnectControllerRequest>,
+    ) -> R<pb::Empty> {
+        let r = r.into_inner();
+        let c = self
+            .ctl
+            .target()
+            .controllers()
+            .into_iter()
+            .find(|c| c.subnqn() == r.nqn && u32::from(c.cntlid()) == r.cntlid && !c.is_discovery())
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "cntlid: no controller {} on `{}`; fix: list them with `strata ctl ctrl ls`",
+                    r.cntlid, r.nqn
+                ))
+            })?;
+        tracing::info!(
+            cntlid = c.cntlid(),
+            subnqn = c.subnqn(),
+            hostnqn = c.hostnqn(),
+            "management: disconnecting controller"
+        );
+        c.destroy();
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn save_config(&self, _: Request<pb::SaveConfigRequest>) -> R<pb::SaveConfigReply> {
+        let mut cfg = self.ctl.view().cfg.clone();
+        let mut redacted = 0;
+        for s in &mut cfg.subsystems {
+            for n in &mut s.namespaces {
+                if let crate::config::BackingSpec::ObjBacker { store_options, .. } = &mut n.backing
+                {
+                    for (k, v) in store_options.iter_mut() {
+                        if is_secret_key(k) {
+                            *v = "(redacted)".into();
+                            redacted += 1;
+                        }
+                    }
+                }
+            }
+        }
+        let mut toml = cfg.to_toml();
+        if redacted > 0 {
+            toml = format!(
+                "# {redacted} secret store option(s) are shown as \"(redacted)\": put the real values back (or use the environment) before loading this file.\n{toml}"
+            );
+        }
+        Ok(Response::new(pb::SaveConfigReply { toml }))
+    }
+}
+
+/// Store options that hold credentials (`secret_access_key`, `token`,
+/// `service_account_key`, `access_key`, `sas`, …): never sent back.
+pub fn is_secret_key(k: &str) -> bool {
+    let k = k.to_ascii_lowercase();
+    ["secret", "key", "token", "password", "sas", "credential"]
+        .iter()
+        .any(|w| k.contains(w))
+}
