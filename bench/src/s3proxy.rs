@@ -241,10 +241,7 @@ pub fn cmd_s3_proxy(a: ProxyArgs) -> Result<()> {
         "--delay-ms out of [0, 60000]"
     );
     anyhow::ensure!(a.max_conns >= 1, "--max-conns must be at least 1");
-    anyhow::ensure!(
-        a.buf_bytes >= 4096,
-        "--buf-bytes must be at least 4096"
-    );
+    anyhow::ensure!(a.buf_bytes >= 4096, "--buf-bytes must be at least 4096");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("s3-proxy")
@@ -402,11 +399,7 @@ async fn forward(
                 if let Some(l) = log
                     && let Ok(mut w) = l.lock()
                 {
-                    let _ = writeln!(
-                        w,
-                        "{:.3} {id} {method} {target} {body_len}",
-                        unix_ms()
-                    );
+                    let _ = writeln!(w, "{:.3} {id} {method} {target} {body_len}", unix_ms());
                 }
                 tokio::time::sleep_until((arrived + delay).into()).await;
                 uw.write_all(&buf[..len]).await?;
@@ -453,10 +446,7 @@ mod tests {
 
     /// Requests framed from `input` fed in `chunk`-byte pieces, as a
     /// connection would see them: (method, target, body) per request.
-    fn frame_all(
-        input: &[u8],
-        chunk: usize,
-    ) -> Result<Vec<(String, String, Vec<u8>)>, FrameError> {
+    fn frame_all(input: &[u8], chunk: usize) -> Result<Vec<(String, String, Vec<u8>)>, FrameError> {
         let mut f = Framer::new();
         let mut buf = Vec::new();
         let mut out: Vec<(String, String, Vec<u8>)> = Vec::new();
@@ -522,7 +512,10 @@ mod tests {
         let mut f = Framer::new();
         assert_eq!(f.next(b"GET / HTTP/1.1\r\nHost: x\r\n\r").unwrap(), None);
         assert_eq!(f.next(b"").unwrap(), None);
-        let h = f.next(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap().unwrap();
+        let h = f
+            .next(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert_eq!(
             h,
             Frame::Head {

@@ -150,8 +150,7 @@ impl Completions for Pass<'_> {
 /// Entry point for `strata bench seqio`.
 pub fn cmd_seqio(a: SeqIoArgs) -> Result<()> {
     let ep = Endpoint::resolve(&a.target, None)?;
-    let data =
-        std::fs::read(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
+    let data = std::fs::read(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
     let bs = u32::try_from(parse_size(&a.bs)?).context("--bs too large")?;
     let offset = parse_size(&a.offset)?;
     let timeout = crate::job::parse_duration(&a.timeout)?;
