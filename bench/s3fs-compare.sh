@@ -19,6 +19,7 @@
 # strata binary (cargo build --release).
 #
 # Environment: ROUNDS (3), SIZE_MB (256), DELAY_MS (20), BUCKETS (6),
+# OBJECT_MB (objbacker object size in MiB, 1; a power of two up to 16),
 # STRATA_BIN (build/release/strata), S3S_FS_BIN (s3s-fs on PATH or
 # ~/.cargo/bin), OUT (results directory, default /tmp/s3fs-compare-DATE),
 # MAX_SECONDS (whole-run bound, 1800), KEEP (1: keep the work directory).
@@ -29,6 +30,7 @@ ROUNDS=${ROUNDS:-3}
 SIZE_MB=${SIZE_MB:-256}
 DELAY_MS=${DELAY_MS:-20}
 BUCKETS=${BUCKETS:-6}
+OBJECT_MB=${OBJECT_MB:-1}
 MAX_SECONDS=${MAX_SECONDS:-1800}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 STRATA=${STRATA_BIN:-$HERE/build/release/strata}
@@ -40,6 +42,7 @@ AK=strata-compare
 SK=strata-compare-secret-key
 NQN=nqn.2026-12.dev.strata:s3fs-compare
 
+[ $((SIZE_MB % OBJECT_MB)) = 0 ] || { echo "SIZE_MB must be a multiple of OBJECT_MB" >&2; exit 2; }
 [ "$(id -u)" = 0 ] || { echo "needs root (mount, drop_caches, chrt)" >&2; exit 2; }
 for b in "$STRATA" "$S3S_FS" "$(command -v s3fs || true)"; do
     [ -x "$b" ] || { echo "missing binary: ${b:-s3fs} (see the header of $0)" >&2; exit 2; }
@@ -152,8 +155,8 @@ serve_start() { # config log
     echo "strata serve not started after 60 s" >&2; tail -20 "$2" >&2; return 1
 }
 serve_kill9() { kill -9 "$SERVE_PID"; wait "$SERVE_PID" 2>/dev/null || true; SERVE_PID=; }
-store_check() { # prefix first_object count -> the objects in s3s-fs's dir concatenated = source
-    local p=$1 first=$2 n=$3 i sha
+store_check() { # prefix first_MiB MiB -> the objects in s3s-fs's dir concatenated = source
+    local p=$1 first=$(($2 / OBJECT_MB)) n=$(($3 / OBJECT_MB)) i sha
     sha=$(for ((i = first; i < first + n; i++)); do
         cat "$S3ROOT/strata-$((i % BUCKETS))/$p/$(printf %08d "$i")"
     done | sha256sum | cut -d' ' -f1)
@@ -184,7 +187,7 @@ allow_any_host = true
 nsid = 1
 type = "objbacker"
 size = "$((4 * SIZE_MB))MiB"
-object_size = "1MiB"
+object_size = "${OBJECT_MB}MiB"
 buckets = [${urls%, }]
 auto_format = true
 store_options = { aws_endpoint = "http://127.0.0.1:$PROXY_PORT", aws_allow_http = "true", aws_virtual_hosted_style_request = "false", aws_region = "us-east-1", aws_access_key_id = "$AK", aws_secret_access_key = "$SK" }
@@ -207,7 +210,7 @@ EOF
 }
 
 {
-    echo "# s3fs-compare $(date -u +%FT%TZ): $ROUNDS rounds, $SIZE_MB MiB at 1 MiB, proxy +$DELAY_MS ms/request, $BUCKETS buckets"
+    echo "# s3fs-compare $(date -u +%FT%TZ): $ROUNDS rounds, $SIZE_MB MiB at 1 MiB, proxy +$DELAY_MS ms/request, objbacker: $BUCKETS buckets, $OBJECT_MB MiB objects"
     echo "# s3fs $(s3fs --version 2>&1 | head -1 | sed 's/Amazon Simple Storage Service File System //'); options: $S3FS_OPTS (passwd path elided below)"
     echo "# strata $($STRATA --version 2>/dev/null || echo '?') at $(git -C "$HERE" rev-parse --short HEAD 2>/dev/null || echo '?')"
 } | sed "s#$PASSWD#PASSWD#" | tee "$OUT/summary.txt"
