@@ -36,6 +36,12 @@ pub enum BenchCmd {
     /// Long verified mixed load with misbehaving hosts among the healthy
     /// ones, sampling the target's resident memory.
     Soak(crate::soak::SoakArgs),
+    /// One sequential pass over a file's bytes (write [+FLUSH], or read
+    /// and compare every byte), like dd with a block device.
+    Seqio(crate::seqio::SeqIoArgs),
+    /// HTTP/1.1 proxy that adds a fixed delay to every request (S3
+    /// clients compared under one network latency).
+    S3Proxy(crate::s3proxy::ProxyArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -64,6 +70,8 @@ pub fn cli_main(args: BenchArgs) -> Result<()> {
         BenchCmd::Inproc(a) => crate::inproc::cmd_inproc(a),
         BenchCmd::Objbacker(a) => crate::objbench::cmd_objbench(a),
         BenchCmd::Soak(a) => crate::soak::cmd_soak(a),
+        BenchCmd::Seqio(a) => crate::seqio::cmd_seqio(a),
+        BenchCmd::S3Proxy(a) => crate::s3proxy::cmd_s3_proxy(a),
     }
 }
 

@@ -14,9 +14,13 @@
 //!   throughput against the raw object_store client.
 //! * [`soak`]: `strata bench soak`, verified load with misbehaving hosts
 //!   and the target's memory sampled.
+//! * [`seqio`]: `strata bench seqio`, one sequential pass over a file's
+//!   bytes (write + FLUSH, or read with a byte compare), dd's counterpart.
+//! * [`s3proxy`]: `strata bench s3-proxy`, an HTTP/1.1 proxy adding a fixed
+//!   delay to every request (`bench/s3fs-compare.sh`).
 //! * [`opts`] / [`progress`]: target and job options shared by the
 //!   commands, and a load run with a progress bar.
-//! * [`cli`]: `strata bench run|tiers|compare|objbacker|soak` ([`BenchArgs`], [`cli_main`]);
+//! * [`cli`]: `strata bench run|tiers|compare|objbacker|soak|seqio|s3-proxy` ([`BenchArgs`], [`cli_main`]);
 //!   it depends on the commands, they never on it.
 
 pub mod cli;
@@ -32,6 +36,8 @@ pub mod opts;
 pub mod plot;
 pub mod progress;
 pub mod report;
+pub mod s3proxy;
+pub mod seqio;
 pub mod soak;
 pub mod stats;
 pub mod tiers;
