@@ -483,3 +483,87 @@ fn another_user_cannot_use_the_socket() {
             .contains("connection from another user refused")
     );
 }
+
+/// TCP is opt-in and only with a token: none, a wrong one, and a token
+/// file others can read are all refused; the right one works.
+#[test]
+fn tcp_management_needs_the_token() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let cfg = write_config(dir);
+    let tok = dir.join("token");
+    std::fs::write(&tok, "0123456789abcdef0123456789abcdef\n").unwrap();
+    std::fs::set_permissions(&tok, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let bad = dir.join("bad-token");
+    std::fs::write(&bad, "ffffffffffffffffffffffffffffffff\n").unwrap();
+    std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mgmt = format!("127.0.0.1:{}", free_port());
+    let port = free_port();
+    let log = dir.join("serve.log");
+    let mut child = support::guard_command(
+        Command::new(env!("CARGO_BIN_EXE_strata"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--discovery")
+            .arg(format!("127.0.0.1:{}", free_port()))
+            .arg("--config")
+            .arg(&cfg)
+            .args(["--mgmt-addr", &mgmt])
+            .arg("--mgmt-token-file")
+            .arg(&tok)
+            .env("STRATA_DATA_DIR", dir.join("data"))
+            .env("STRATA_RUNTIME_DIR", dir.join("run"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap()),
+    )
+    .spawn()
+    .unwrap();
+    assert!(
+        support::wait_until(Duration::from_secs(30), || std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("strata serve started")),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let tcp = |token: &Path| {
+        output_within(
+            Command::new(env!("CARGO_BIN_EXE_strata"))
+                .args(["ctl", "--addr", &mgmt, "--token-file"])
+                .arg(token)
+                .args(["subsystem", "add", NQN, "--allow-any-host"]),
+            Duration::from_secs(30),
+        )
+    };
+    let o = tcp(&bad);
+    assert_eq!(
+        o.status.code(),
+        Some(8),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = tcp(&tok);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(json(dir, &["subsystem", "ls"]).as_array().unwrap().len(), 2);
+    // Without --token-file clap refuses the command line.
+    let o = output_within(
+        Command::new(env!("CARGO_BIN_EXE_strata")).args(["ctl", "--addr", &mgmt, "status"]),
+        Duration::from_secs(30),
+    );
+    assert_eq!(o.status.code(), Some(2));
+    support::kill_and_reap(&mut child);
+
+    // A token file others can read: serve refuses to start.
+    std::fs::set_permissions(&tok, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let o = output_within(
+        Command::new(env!("CARGO_BIN_EXE_strata"))
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .args(["--mgmt-addr", &mgmt])
+            .arg("--mgmt-token-file")
+            .arg(&tok)
+            .env("STRATA_DATA_DIR", dir.join("data"))
+            .env("STRATA_RUNTIME_DIR", dir.join("run")),
+        Duration::from_secs(30),
+    );
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("chmod 600"));
+}

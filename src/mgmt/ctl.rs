@@ -33,8 +33,13 @@ pub struct CtlArgs {
     #[arg(long, global = true)]
     socket: Option<PathBuf>,
     /// A TCP management address instead (`strata serve --mgmt-addr`).
-    #[arg(long, global = true, value_name = "IP:PORT", requires = "token_file")]
-    addr: Option<String>,
+    #[arg(
+        long = "addr",
+        global = true,
+        value_name = "IP:PORT",
+        requires = "token_file"
+    )]
+    tcp_addr: Option<String>,
     /// The bearer token file for --addr (mode 0600).
     #[arg(long, global = true)]
     token_file: Option<PathBuf>,
@@ -245,11 +250,21 @@ fn from_status(s: tonic::Status) -> CtlError {
 }
 
 async fn connect(a: &CtlArgs) -> Result<(ManagementClient<Channel>, Option<String>), CtlError> {
-    let unreachable = |what: String, e: &dyn std::fmt::Display| CtlError {
-        code: 3,
-        msg: format!("strata serve is not running or not reachable at {what}: {e}"),
+    let unreachable = |what: String, e: &dyn std::error::Error| {
+        // tonic's transport error says only "transport error": the cause
+        // (refused, permission denied) is in its sources.
+        let mut msg = e.to_string();
+        let mut src = e.source();
+        while let Some(s) = src {
+            msg = format!("{msg}: {s}");
+            src = s.source();
+        }
+        CtlError {
+            code: 3,
+            msg: format!("strata serve is not running or not reachable at {what}: {msg}"),
+        }
     };
-    if let Some(addr) = &a.addr {
+    if let Some(addr) = &a.tcp_addr {
         let token = match &a.token_file {
             Some(p) => super::listen::read_token(p).map_err(|e| usage(format!("{e:#}")))?,
             None => return Err(usage("--addr needs --token-file".into())),
