@@ -48,6 +48,10 @@ enum Cmd {
         /// that pipelines is polled up to 4× this, a slow one not at all.
         #[arg(long)]
         poll_us: Option<u64>,
+        /// Serve Prometheus metrics on this address (GET /metrics); off by
+        /// default. Overrides `[metrics] addr` in the config.
+        #[arg(long)]
+        metrics_addr: Option<SocketAddr>,
     },
     /// Userspace NVMe/TCP load generator: run, tiers, compare (see docs/bench.md).
     Bench(Box<strata_bench::BenchArgs>),
@@ -65,12 +69,14 @@ fn main() {
             discovery,
             reactors,
             poll_us,
+            metrics_addr,
         } => serve::run(serve::ServeArgs {
             config,
             listen,
             discovery,
             reactors,
             poll_us,
+            metrics_addr,
         }),
         Cmd::Bench(args) => strata_bench::cli_main(*args),
         Cmd::Objbacker(args) => objbacker_cli::run(args),

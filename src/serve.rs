@@ -23,6 +23,8 @@ pub struct ServeArgs {
     pub discovery: Option<SocketAddr>,
     pub reactors: Option<usize>,
     pub poll_us: Option<u64>,
+    /// The Prometheus endpoint's address (overrides `[metrics] addr`).
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// The config file (or the embedded default) with the command-line
@@ -63,6 +65,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
         tc.poll_us = p;
     }
     let reactors = tc.reactors;
+    let _metrics = match args.metrics_addr.or(cfg.metrics_addr) {
+        Some(a) => Some(crate::metrics::MetricsServer::start(a)?),
+        None => None,
+    };
 
     // Object-store I/O for objbacker namespaces runs here, apart from the
     // reactors, whose only job is the NVMe/TCP path. Built and dropped
