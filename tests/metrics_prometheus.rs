@@ -203,10 +203,9 @@ auto_format = true
         .filter(|p| p.is_finite())
         .unwrap_or_else(|| panic!("no finite p99 from Prometheus ({p99_q} = {p99:?})"));
     eprintln!("prometheus: {rate:.0} reads/s, p99 {:.1} µs", p99 * 1e6);
-    assert!(
-        p99 > 0.0 && p99 < 1.0,
-        "p99 {p99} s is not a plausible read latency"
-    );
+    // Present, finite and positive is the contract; how fast is bench/'s
+    // business.
+    assert!(p99 > 0.0, "p99 {p99} s: no positive bucket");
 
     // The listener's counters reached Prometheus too.
     let conns = query_value(prom_port, "sum(strata_listener_connections_accepted_total)");
