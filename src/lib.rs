@@ -5,6 +5,7 @@
 pub mod config;
 pub mod control;
 pub mod logging;
+pub mod metrics;
 pub mod mgmt;
 pub mod serve;
 pub mod state;

@@ -64,6 +64,10 @@ enum Cmd {
         /// Bearer token for --mgmt-addr, in a file of mode 0600.
         #[arg(long)]
         mgmt_token_file: Option<PathBuf>,
+        /// Serve Prometheus metrics on this address (GET /metrics); off by
+        /// default. Overrides `[metrics] addr` in the config.
+        #[arg(long)]
+        metrics_addr: Option<SocketAddr>,
     },
     /// Change a running `strata serve`: subsystems, namespaces, listeners,
     /// hosts, ANA, controllers (see docs/MANAGEMENT.md).
@@ -88,6 +92,7 @@ fn main() {
             mgmt_socket,
             mgmt_addr,
             mgmt_token_file,
+            metrics_addr,
         } => serve::run(serve::ServeArgs {
             config,
             listen,
@@ -98,6 +103,7 @@ fn main() {
             mgmt_socket,
             mgmt_addr,
             mgmt_token_file,
+            metrics_addr,
         }),
         Cmd::Ctl(args) => match strata::mgmt::ctl::run(args) {
             Ok(()) => Ok(()),

@@ -33,6 +33,8 @@ pub struct ServeArgs {
     /// Opt-in TCP address of the management API; needs `mgmt_token_file`.
     pub mgmt_addr: Option<SocketAddr>,
     pub mgmt_token_file: Option<PathBuf>,
+    /// The Prometheus endpoint's address (overrides `[metrics] addr`).
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// The config file (or the embedded default) with the command-line
@@ -119,6 +121,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
         tc.poll_us = p;
     }
     let reactors = tc.reactors;
+    let _metrics = match args.metrics_addr.or(cfg.metrics_addr) {
+        Some(a) => Some(crate::metrics::MetricsServer::start(a)?),
+        None => None,
+    };
 
     // Object-store I/O for objbacker namespaces runs here, apart from the
     // reactors, whose only job is the NVMe/TCP path. Built and dropped

@@ -553,6 +553,11 @@ impl Inner {
         self.crashed.store(true, Relaxed);
     }
 
+    /// The write-back buffer's bound.
+    pub fn writeback_capacity(&self) -> u64 {
+        self.writeback_bytes
+    }
+
     pub fn dirty_bytes(&self) -> u64 {
         self.lock().dirty_bytes
     }
@@ -793,6 +798,10 @@ impl Inner {
     // ---------------------------------------------------------------- write
 
     pub async fn write(self: &Arc<Self>, off: u64, data: Bytes, fua: bool) -> R<()> {
+        self.retry
+            .stats
+            .bytes_written
+            .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let segs = self.geo.segments(off, data.len() as u64);
         let (start_seq, behind) = {
             let mut st = self.lock();

@@ -16,11 +16,12 @@ pub mod fault;
 mod store;
 mod superblock;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use bytes::Bytes;
 use object_store::ObjectStore;
 use strata_target::bdev::{BdevInfo, IoError};
+use strata_target::stats::HistogramSnapshot;
 
 pub use config::{ConfigError, ObjBackerConfig};
 pub use fault::{FaultConfig, FaultControl, FaultyStore, Latency};
@@ -117,6 +118,7 @@ impl ObjBacker {
             Arc::downgrade(&inner),
             cfg.max_in_flight,
         ));
+        register_device(&cfg.name, &inner);
         let info = BdevInfo {
             name: cfg.name.clone(),
             block_size: cfg.block_size,
@@ -145,6 +147,11 @@ impl ObjBacker {
     /// Bytes currently held by the write-back buffer.
     pub fn dirty_bytes(&self) -> u64 {
         self.inner.dirty_bytes()
+    }
+
+    /// What the metrics endpoint shows of this device.
+    pub fn metrics(&self) -> DeviceMetrics {
+        device_metrics(&self.info.name, &self.inner)
     }
 
     fn check(&self, off: u64, len: u64) -> Result<(), IoError> {
@@ -223,6 +230,62 @@ impl ObjBacker {
         self.inner.crash();
         self.flusher.abort();
     }
+}
+
+/// One device's counters as a scrape reads them. Store requests run on the
+/// object-store runtime's worker threads, so these are ordinary shared
+/// atomics (`fetch_add`): a request costs milliseconds, a shared line
+/// nothing measurable, and no reactor ever writes them.
+#[derive(Clone, Debug)]
+pub struct DeviceMetrics {
+    /// The device's name (`BdevInfo::name`).
+    pub name: String,
+    pub stats: ObjBackerStats,
+    pub get_latency: HistogramSnapshot,
+    pub put_latency: HistogramSnapshot,
+    pub delete_latency: HistogramSnapshot,
+    /// Bytes in the write-back buffer now, and its bound.
+    pub dirty_bytes: u64,
+    pub writeback_capacity: u64,
+}
+
+fn device_metrics(name: &str, inner: &engine::Inner) -> DeviceMetrics {
+    let st = &inner.retry.stats;
+    DeviceMetrics {
+        name: name.to_string(),
+        stats: st.snapshot(),
+        get_latency: st.get_latency.snapshot(),
+        put_latency: st.put_latency.snapshot(),
+        delete_latency: st.delete_latency.snapshot(),
+        dirty_bytes: inner.dirty_bytes(),
+        writeback_capacity: inner.writeback_capacity(),
+    }
+}
+
+type DeviceList = Mutex<Vec<(String, Weak<engine::Inner>)>>;
+
+fn devices() -> &'static DeviceList {
+    static D: OnceLock<DeviceList> = OnceLock::new();
+    D.get_or_init(Default::default)
+}
+
+fn register_device(name: &str, inner: &Arc<engine::Inner>) {
+    let mut d = devices().lock().unwrap_or_else(|p| p.into_inner());
+    d.retain(|(_, w)| w.strong_count() > 0);
+    d.push((name.to_string(), Arc::downgrade(inner)));
+}
+
+/// Every attached device of this process (the metrics endpoint's view;
+/// a device counts from its attach until it is dropped).
+pub fn live_devices() -> Vec<DeviceMetrics> {
+    let list: Vec<(String, Arc<engine::Inner>)> = {
+        let mut d = devices().lock().unwrap_or_else(|p| p.into_inner());
+        d.retain(|(_, w)| w.strong_count() > 0);
+        d.iter()
+            .filter_map(|(n, w)| Some((n.clone(), w.upgrade()?)))
+            .collect()
+    };
+    list.iter().map(|(n, i)| device_metrics(n, i)).collect()
 }
 
 impl Drop for ObjBacker {

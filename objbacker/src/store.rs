@@ -13,6 +13,8 @@ use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, Retry
 use rand::Rng;
 use tokio::sync::Semaphore;
 
+use strata_target::stats::SharedHistogram;
+
 use crate::config::ObjBackerConfig;
 use crate::{ObjError, SUPERBLOCK_NAME};
 
@@ -196,6 +198,9 @@ pub struct ObjBackerStats {
     /// Whole-object TRIMs that needed no DELETE: the object is known not
     /// to be in the store.
     pub deletes_skipped: u64,
+    /// Bytes the host wrote; `bytes_put / bytes_written` is the write
+    /// amplification.
+    pub bytes_written: u64,
 }
 
 #[derive(Default)]
@@ -213,6 +218,14 @@ pub(crate) struct Stats {
     pub slow_mutations: AtomicU64,
     pub unanswered: AtomicU64,
     pub deletes_skipped: AtomicU64,
+    /// Bytes the host wrote (WRITE commands), against which `bytes_put`
+    /// is the write amplification.
+    pub bytes_written: AtomicU64,
+    /// Latency of each GET, PUT and DELETE, retries included (what the
+    /// device waited, not one attempt).
+    pub get_latency: SharedHistogram,
+    pub put_latency: SharedHistogram,
+    pub delete_latency: SharedHistogram,
 }
 
 impl Stats {
@@ -231,8 +244,13 @@ impl Stats {
             slow_mutations: self.slow_mutations.load(Relaxed),
             unanswered: self.unanswered.load(Relaxed),
             deletes_skipped: self.deletes_skipped.load(Relaxed),
+            bytes_written: self.bytes_written.load(Relaxed),
         }
     }
+}
+
+fn elapsed_ns(t0: Instant) -> u64 {
+    t0.elapsed().as_nanos() as u64
 }
 
 /// Errors that will not go away by asking again.
@@ -328,6 +346,7 @@ impl Retrier {
         range: std::ops::Range<u64>,
         whole: bool,
     ) -> Result<Option<Bytes>, object_store::Error> {
+        let t0 = Instant::now();
         let res = self
             .run("GET", || async {
                 if whole {
@@ -337,6 +356,7 @@ impl Retrier {
                 }
             })
             .await;
+        self.stats.get_latency.record(elapsed_ns(t0));
         self.stats.gets.fetch_add(1, Relaxed);
         match res {
             Ok(v) => {
@@ -368,6 +388,7 @@ impl Retrier {
         // lets each attempt's future borrow the buffer.
         let out = tokio::sync::Mutex::new(out);
         let out = &out;
+        let t0 = Instant::now();
         let res = self
             .run("GET", || {
                 let range = range.clone();
@@ -392,6 +413,7 @@ impl Retrier {
                 }
             })
             .await;
+        self.stats.get_latency.record(elapsed_ns(t0));
         self.stats.gets.fetch_add(1, Relaxed);
         match res {
             Ok(n) => {
@@ -428,12 +450,16 @@ impl Retrier {
         let len = data.len() as u64;
         let store = b.store.clone();
         let k = key.clone();
-        self.mutate("PUT", move || {
-            let (store, k) = (store.clone(), k.clone());
-            let payload = PutPayload::from(data.clone());
-            async move { store.put(&k, payload).await.map(|_| ()) }
-        })
-        .await?;
+        let t0 = Instant::now();
+        let res = self
+            .mutate("PUT", move || {
+                let (store, k) = (store.clone(), k.clone());
+                let payload = PutPayload::from(data.clone());
+                async move { store.put(&k, payload).await.map(|_| ()) }
+            })
+            .await;
+        self.stats.put_latency.record(elapsed_ns(t0));
+        res?;
         self.stats.puts.fetch_add(1, Relaxed);
         self.stats.bytes_put.fetch_add(len, Relaxed);
         if let Some(root) = &b.local_root {
@@ -447,6 +473,7 @@ impl Retrier {
     pub async fn delete_tracked(&self, b: &Bucket, key: &Path) -> Result<(), MutFail> {
         let store = b.store.clone();
         let k = key.clone();
+        let t0 = Instant::now();
         let res = self
             .mutate("DELETE", move || {
                 let (store, k) = (store.clone(), k.clone());
@@ -458,6 +485,7 @@ impl Retrier {
                 }
             })
             .await;
+        self.stats.delete_latency.record(elapsed_ns(t0));
         res?;
         self.stats.deletes.fetch_add(1, Relaxed);
         if let Some(root) = &b.local_root {

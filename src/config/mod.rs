@@ -47,6 +47,15 @@ pub(crate) struct RawConfig {
     pub(crate) subsystem: Vec<RawSubsystem>,
     #[serde(default)]
     pub(crate) limits: RawLimits,
+    #[serde(default)]
+    pub(crate) metrics: RawMetrics,
+}
+
+#[derive(Debug, Deserialize, Serialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMetrics {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) addr: Option<String>,
 }
 
 /// A byte count written as a number or a size string ("4MiB").
@@ -275,6 +284,9 @@ pub struct ServeConfig {
     pub listeners: Vec<ListenerSpec>,
     pub subsystems: Vec<SubsystemSpec>,
     pub limits: LimitsSpec,
+    /// `[metrics] addr`: where the Prometheus endpoint listens (off when
+    /// absent). Read at startup; a reload does not move it.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// The embedded default: one subsystem with a 1 GiB RAM namespace (NSID 1)
@@ -424,6 +436,16 @@ impl ServeConfig {
                     "target.discovery",
                     format!("`{s}` is not an address: {e}"),
                     "use IP:PORT, e.g. \"127.0.0.1:8009\"",
+                )
+            })?),
+        };
+        let metrics_addr = match &raw.metrics.addr {
+            None => None,
+            Some(s) => Some(s.parse::<SocketAddr>().map_err(|e| {
+                err(
+                    "metrics.addr",
+                    format!("`{s}` is not an address: {e}"),
+                    "use IP:PORT, e.g. \"127.0.0.1:9464\", or remove [metrics] to turn the endpoint off",
                 )
             })?),
         };
@@ -765,11 +787,11 @@ impl ServeConfig {
         }
         let mut addrs = HashSet::new();
         for (i, l) in listeners.iter().enumerate() {
-            if !addrs.insert(l.addr) || Some(l.addr) == discovery {
+            if !addrs.insert(l.addr) || Some(l.addr) == discovery || Some(l.addr) == metrics_addr {
                 return Err(err(
                     &format!("listener[{i}].addr"),
                     format!("{} is bound twice", l.addr),
-                    "give each listener (and target.discovery) its own address",
+                    "give each listener (and target.discovery, metrics.addr) its own address",
                 ));
             }
         }
@@ -780,6 +802,7 @@ impl ServeConfig {
             listeners,
             subsystems,
             limits,
+            metrics_addr,
         })
     }
 }
@@ -975,6 +998,19 @@ mod tests {
         let e = ServeConfig::parse("[[subsystem]]\nnqn='nqn.a:b'\nlisteners=['x']\n", "v.toml")
             .unwrap_err();
         assert_eq!(e.field, "subsystem[0].listeners[0]");
+    }
+
+    #[test]
+    fn metrics_addr_is_optional_and_checked() {
+        let c = ServeConfig::parse("[metrics]\naddr = '127.0.0.1:9464'\n", "m.toml").unwrap();
+        assert_eq!(c.metrics_addr.unwrap().to_string(), "127.0.0.1:9464");
+        assert_eq!(ServeConfig::parse("", "m.toml").unwrap().metrics_addr, None);
+        let e = ServeConfig::parse("[metrics]\naddr = 'nowhere'\n", "m.toml").unwrap_err();
+        assert_eq!(
+            (e.file.as_str(), e.field.as_str()),
+            ("m.toml", "metrics.addr")
+        );
+        assert!(e.fix.contains("IP:PORT"), "{e}");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use super::{
     BackingSpec, ConfigError, LimitsSpec, NamespaceSpec, RawConfig, RawLimits, RawListener,
-    RawNamespace, RawSize, RawSubsystem, RawTarget, ServeConfig, SubsystemSpec,
+    RawMetrics, RawNamespace, RawSize, RawSubsystem, RawTarget, ServeConfig, SubsystemSpec,
 };
 
 /// The 8-4-4-4-12 form `uuid = "…"` takes.
@@ -53,6 +53,9 @@ impl ServeConfig {
                 .map(|s| self.raw_subsystem(s))
                 .collect(),
             limits: raw_limits(&self.limits),
+            metrics: RawMetrics {
+                addr: self.metrics_addr.map(|a| a.to_string()),
+            },
         }
     }
 
@@ -229,6 +232,9 @@ uuid = "0123abcd-0000-4000-8000-00000000beef"
 [limits]
 max_connections = 77
 max_pending_output = "16MiB"
+
+[metrics]
+addr = "127.0.0.1:9464"
 "#;
 
     #[test]

@@ -15,5 +15,6 @@ pub mod host;
 pub mod pdu;
 pub mod queue;
 pub mod spec;
+pub mod stats;
 pub mod subsystem;
 pub mod transport;

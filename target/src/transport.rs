@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::ctrlr::Target;
 use crate::queue::{CloseReason, QueueLimits, QueuePair};
+use crate::stats::{self, EndReason};
 
 /// Bytes read per `read` call. Large enough that a burst of 4 KiB
 /// in-capsule writes arrives in one syscall.
@@ -121,6 +122,8 @@ impl Transport {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let open = Arc::new(AtomicUsize::new(0));
         let epoch = Instant::now();
+        // Fixes the metrics clock's epoch before any pass reads it.
+        stats::now_ns();
         let mut threads = Vec::new();
         let mut reactor_txs = Vec::new();
         let mut counters = Vec::new();
@@ -190,6 +193,7 @@ impl Transport {
             })
             .map_err(|_| io::Error::other("acceptor thread is gone"))?;
         self.listeners.insert(port_id, local);
+        stats::registry().listener(port_id, &local.to_string());
         tracing::info!(%local, port_id, "listening");
         Ok(local)
     }
@@ -299,6 +303,7 @@ fn acceptor_main(
                         let acc = acc.clone();
                         let next = next.clone();
                         let port_open = Arc::new(AtomicUsize::new(0));
+                        let lstats = stats::registry().listener(port_id, "");
                         let h = tokio::task::spawn_local(async move {
                             // Logged once per episode of being at a limit.
                             let mut at_limit = false;
@@ -316,6 +321,7 @@ fn acceptor_main(
                                                 );
                                                 at_limit = true;
                                             }
+                                            lstats.refused.fetch_add(1, Ordering::Relaxed);
                                             drop(s);
                                             continue;
                                         }
@@ -323,6 +329,7 @@ fn acceptor_main(
                                         tracing::debug!(%peer, port_id, "accepted");
                                         let Ok(s) = s.into_std() else { continue };
                                         acc.open.fetch_add(1, Ordering::Relaxed);
+                                        lstats.accepted.fetch_add(1, Ordering::Relaxed);
                                         port_open.fetch_add(1, Ordering::Relaxed);
                                         let count = ConnCount { total: acc.open.clone(), port: port_open.clone() };
                                         let i = next.fetch_add(1, Ordering::Relaxed) % acc.reactors.len();
@@ -453,9 +460,16 @@ fn reactor_main(
                     live.retain(|(h, _)| !h.is_finished());
                     live.push((tokio::task::spawn_local(async move {
                         let peer = c.stream.peer_addr().ok();
+                        let lstats = stats::registry().listener(c.port_id, "");
                         match serve_connection(c, target, limits, poll, s2, epoch, counters).await {
-                            Ok(reason) => tracing::debug!(?peer, ?reason, "connection closed"),
-                            Err(e) => tracing::debug!(?peer, error = %e, "connection ended"),
+                            Ok(reason) => {
+                                lstats.ended(end_reason(reason.as_ref()));
+                                tracing::debug!(?peer, ?reason, "connection closed")
+                            }
+                            Err(e) => {
+                                lstats.ended(EndReason::SocketError);
+                                tracing::debug!(?peer, error = %e, "connection ended")
+                            }
                         }
                     }), sig));
                 }
@@ -472,6 +486,23 @@ fn reactor_main(
             let _ = h.await;
         }
     });
+}
+
+/// The `reason` label of a connection that ended without a socket error
+/// (`None`: the host closed it).
+fn end_reason(r: Option<&CloseReason>) -> EndReason {
+    match r {
+        None => EndReason::HostClosed,
+        Some(CloseReason::Fatal(_)) => EndReason::Malformed,
+        Some(CloseReason::HostTerminated) => EndReason::HostTerminated,
+        Some(CloseReason::Cut(_)) => EndReason::Cut,
+        Some(CloseReason::Disconnected(why)) => match *why {
+            "Disconnect command" => EndReason::Disconnect,
+            "keep-alive timeout" => EndReason::KeepAlive,
+            "target shutting down" => EndReason::Shutdown,
+            _ => EndReason::ControllerDestroyed,
+        },
+    }
 }
 
 /// Drives one connection until it closes.
@@ -499,6 +530,7 @@ async fn serve_connection(
     if let Some(p) = peer {
         qp.set_peer(p);
     }
+    qp.set_clock(stats::now_ns);
     let now = Instant::now();
     let mut conn = Conn {
         rx: vec![0u8; RX_BUF],
@@ -740,6 +772,7 @@ impl Conn {
         for _ in 0..BUDGET {
             let mut progress = false;
             let now = Instant::now();
+            qp.set_now_ns(stats::ns_at(now));
             if qp.must_close_now() {
                 return Poll::Ready(Ok(qp.close_reason().cloned()));
             }

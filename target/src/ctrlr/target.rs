@@ -225,6 +225,10 @@ impl Target {
                 hostnqn = c.hostnqn(),
                 "keep-alive expired: controller reaped by the registry sweep"
             );
+            crate::stats::registry()
+                .subsystem(c.subnqn())
+                .keepalive_expiries
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             c.destroy();
         }
         expired.len()

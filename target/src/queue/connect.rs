@@ -12,6 +12,8 @@
 //!   `QueueLimits::max_slots`.
 
 use super::*;
+use std::sync::atomic::Ordering::Relaxed;
+
 use crate::ctrlr::Connected;
 
 impl QueuePair {
@@ -74,11 +76,19 @@ impl QueuePair {
                             peer = %self.peer_str(),
                             "admin queue connected"
                         );
+                        stats::registry()
+                            .subsystem(ctrlr.subnqn())
+                            .controllers_created
+                            .fetch_add(1, Relaxed);
+                        self.listener_stats.admin_queues.fetch_add(1, Relaxed);
+                        self.counted_queue = Some(false);
                         Role2::Admin { ctrlr }
                     }
                     Connected::Io { ctrlr, qid, .. } => {
                         tracing::debug!(cntlid = ctrlr.cntlid(), qid, "I/O queue connected");
                         let view = ctrlr.io_view();
+                        self.listener_stats.io_queues.fetch_add(1, Relaxed);
+                        self.counted_queue = Some(true);
                         Role2::Io { ctrlr, qid, view }
                     }
                 };

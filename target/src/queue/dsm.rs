@@ -58,6 +58,7 @@ impl QueuePair {
         };
         let s = &mut self.slots[slot as usize];
         s.chan = chan;
+        s.start_ns = self.now_ns;
         s.state = SlotState::Executing;
         s.pending = n as u32;
         for &(slba, len) in &ranges[..n] {

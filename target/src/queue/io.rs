@@ -21,6 +21,7 @@ use super::*;
 use crate::bdev::{BdevChannel, BdevIo, IoError, IoOp};
 use crate::spec::identify::NvmLimits;
 use crate::spec::{NvmeCpl, SGL_ID_TRANSPORT_DATA_BLOCK, admin_opc, fctype, io_opc};
+use crate::stats::{self, IoKind};
 use crate::subsystem::AnaState;
 use rx::{AfterData, DataDest};
 
@@ -35,6 +36,8 @@ pub(super) struct NsChannel {
     pub(super) chan: Box<dyn BdevChannel>,
     /// Still has I/O in flight but no longer serves new commands.
     retired: bool,
+    /// This queue's counters for the namespace (written only here).
+    stats: stats::NsStatsHandle,
 }
 
 enum IoPlan {
@@ -99,7 +102,7 @@ impl QueuePair {
         {
             return Ok(i);
         }
-        let Role2::Io { view, .. } = &self.role else {
+        let Role2::Io { view, ctrlr, .. } = &self.role else {
             return Err(Status::INVALID_OPCODE.dnr());
         };
         let ns = view.get(nsid).ok_or(Status::INVALID_NAMESPACE.dnr())?;
@@ -110,6 +113,7 @@ impl QueuePair {
             tracing::error!(nsid, error = %e, "cannot open bdev channel");
             Status::INTERNAL_ERROR
         })?;
+        let stats = stats::registry().ns_block(ctrlr.subnqn(), nsid);
         self.channels.push(NsChannel {
             nsid,
             block_size: info.block_size,
@@ -118,6 +122,7 @@ impl QueuePair {
             bdev_id,
             chan,
             retired: false,
+            stats,
         });
         Ok(self.channels.len() - 1)
     }
@@ -161,6 +166,7 @@ impl QueuePair {
                 };
                 let s = &mut self.slots[slot as usize];
                 s.chan = chan;
+                s.start_ns = self.now_ns;
                 s.buf = buf;
                 s.xfer_len = xfer;
                 if cmd.opcode() == io_opc::WRITE {
@@ -315,6 +321,10 @@ impl QueuePair {
                 progress = true;
             }
         }
+        if !done.is_empty() {
+            // One clock read per batch, not per command.
+            self.done_ns = self.clock.map_or(self.now_ns, |c| c());
+        }
         for comp in done.drain(..) {
             self.on_bdev_completion(comp);
         }
@@ -350,6 +360,21 @@ impl QueuePair {
         }
         let cmd = s.cmd;
         let status = s.status;
+        let kind = match cmd.opcode() {
+            io_opc::READ => IoKind::Read,
+            io_opc::WRITE => IoKind::Write,
+            io_opc::FLUSH => IoKind::Flush,
+            io_opc::DATASET_MANAGEMENT => IoKind::Trim,
+            _ => IoKind::WriteZeroes,
+        };
+        if let Some(ch) = self.channels.get(s.chan) {
+            ch.stats.block().record(
+                kind,
+                u64::from(s.xfer_len),
+                status.is_success(),
+                self.done_ns.saturating_sub(s.start_ns),
+            );
+        }
         if cmd.opcode() == io_opc::READ {
             self.read_bytes_in_flight -= s.xfer_len as usize;
         }

@@ -42,6 +42,7 @@ use crate::bdev::{BdevCompletion, BufPool, IoBuf};
 use crate::ctrlr::{self, Ctrlr, IoView, Target};
 use crate::pdu::{self, DecodeConfig, FatalErrorStatus, PduError, PduType, Role};
 use crate::spec::{NvmeCmd, Status};
+use crate::stats;
 
 mod connect;
 mod dispatch;
@@ -134,6 +135,9 @@ struct Slot {
     r2t_held: u32,
     /// When the R2T went out (the data-phase timeout runs from here).
     r2t_ms: u64,
+    /// When the capsule arrived, on the driver's clock (the latency
+    /// histogram runs from here).
+    start_ns: u64,
 }
 
 impl Slot {
@@ -149,6 +153,7 @@ impl Slot {
             chan: 0,
             r2t_held: 0,
             r2t_ms: 0,
+            start_ns: 0,
         }
     }
 }
@@ -258,6 +263,17 @@ pub struct QueuePair {
     disconnected: bool,
     peer: Option<std::net::SocketAddr>,
     pub stats: QueueStats,
+    /// Time of the driver's current pass ([`QueuePair::set_now_ns`]).
+    now_ns: u64,
+    /// Read once per batch of completions; `None` (tests): `now_ns`.
+    clock: Option<fn() -> u64>,
+    /// When the current batch of completions was reaped.
+    done_ns: u64,
+    /// This listener's connection counters (per connection, not per I/O).
+    listener_stats: Arc<stats::ListenerStats>,
+    /// Counted in `listener_stats` as a live admin (false) or I/O (true)
+    /// queue, until `on_disconnect`.
+    counted_queue: Option<bool>,
 }
 
 impl QueuePair {
@@ -298,7 +314,27 @@ impl QueuePair {
             disconnected: false,
             peer: None,
             stats: QueueStats::default(),
+            now_ns: 0,
+            clock: None,
+            done_ns: 0,
+            listener_stats: stats::registry().listener(port_id, ""),
+            counted_queue: None,
         }
+    }
+
+    /// The time of the driver's pass, in nanoseconds on the clock given to
+    /// [`set_clock`](Self::set_clock): commands that arrive in this pass
+    /// are stamped with it.
+    pub fn set_now_ns(&mut self, ns: u64) {
+        self.now_ns = ns;
+    }
+
+    /// The clock read once per batch of completions, for the latency
+    /// histograms (the driver's, e.g. [`stats::now_ns`]). Without one the
+    /// queue uses the last [`set_now_ns`](Self::set_now_ns), so tests stay
+    /// deterministic.
+    pub fn set_clock(&mut self, clock: fn() -> u64) {
+        self.clock = Some(clock);
     }
 
     /// The host's address, for log lines.
@@ -475,6 +511,10 @@ impl QueuePair {
                         hostnqn = ctrlr.hostnqn(),
                         "keep-alive timeout: destroying controller"
                     );
+                    stats::registry()
+                        .subsystem(ctrlr.subnqn())
+                        .keepalive_expiries
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     ctrlr.destroy();
                     self.close = Some(CloseReason::Disconnected("keep-alive timeout"));
                     self.stop_rx = true;
@@ -532,6 +572,14 @@ impl QueuePair {
     pub fn on_disconnect(&mut self) {
         if std::mem::replace(&mut self.disconnected, true) {
             return;
+        }
+        if let Some(io) = self.counted_queue.take() {
+            let g = if io {
+                &self.listener_stats.io_queues
+            } else {
+                &self.listener_stats.admin_queues
+            };
+            g.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
         match &self.role {
             Role2::Admin { ctrlr } => {
