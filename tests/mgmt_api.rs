@@ -159,6 +159,20 @@ fn lifecycle_through_ctl_survives_a_restart() {
     other.icreq(false, false);
     assert!(!other.connect(0, 0xffff, NQN, OTHER).status.is_success());
 
+    let st = json(dir, &["status"]);
+    let c = st["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["nqn"] == NQN && c["nsid"] == 1)
+        .cloned()
+        .unwrap_or_else(|| panic!("no counters for {NQN}/1: {st}"));
+    assert!(
+        c["reads"].as_u64().unwrap() >= 1 && c["writes"].as_u64().unwrap() >= 1,
+        "{c}"
+    );
+    assert!(c["write_bytes"].as_u64().unwrap() >= 4096, "{c}");
+
     let ctrls = json(dir, &["ctrl", "ls", NQN]);
     let c0 = &ctrls.as_array().unwrap()[0];
     assert_eq!(c0["host_nqn"], HOST);

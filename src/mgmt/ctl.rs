@@ -342,16 +342,60 @@ async fn run_async(a: CtlArgs) -> Result<(), CtlError> {
                 .await
                 .map_err(from_status)?
                 .into_inner();
+            let counters: Vec<Value> = s
+                .counters
+                .iter()
+                .map(|c| {
+                    json!({"nqn": c.nqn, "nsid": c.nsid, "reads": c.reads, "writes": c.writes,
+                           "read_bytes": c.read_bytes, "write_bytes": c.write_bytes,
+                           "flushes": c.flushes, "errors": c.errors})
+                })
+                .collect();
             let v = json!({
                 "version": s.version, "uptime_ms": s.uptime_ms, "reactors": s.reactors,
                 "subsystems": s.subsystems, "namespaces": s.namespaces,
                 "controllers": s.controllers, "state_file": s.state_file,
+                "counters": counters,
             });
             if !json {
                 for (k, val) in v.as_object().into_iter().flatten() {
-                    println!(
-                        "{k:<12} {}",
-                        val.as_str().map(str::to_owned).unwrap_or(val.to_string())
+                    if k != "counters" {
+                        println!(
+                            "{k:<12} {}",
+                            val.as_str().map(str::to_owned).unwrap_or(val.to_string())
+                        );
+                    }
+                }
+                if !s.counters.is_empty() {
+                    println!();
+                    let rows: Vec<Vec<String>> = s
+                        .counters
+                        .iter()
+                        .map(|c| {
+                            vec![
+                                c.nqn.clone(),
+                                c.nsid.to_string(),
+                                c.reads.to_string(),
+                                c.writes.to_string(),
+                                c.read_bytes.to_string(),
+                                c.write_bytes.to_string(),
+                                c.flushes.to_string(),
+                                c.errors.to_string(),
+                            ]
+                        })
+                        .collect();
+                    table(
+                        &[
+                            "NQN",
+                            "NSID",
+                            "READS",
+                            "WRITES",
+                            "READ BYTES",
+                            "WRITE BYTES",
+                            "FLUSHES",
+                            "ERRORS",
+                        ],
+                        &rows,
                     );
                 }
                 return Ok(());

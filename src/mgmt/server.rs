@@ -102,7 +102,7 @@ impl Management for Service {
                 .as_ref()
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
-            counters: Vec::new(),
+            counters: namespace_counters(),
         }))
     }
 
@@ -441,4 +441,25 @@ pub fn is_secret_key(k: &str) -> bool {
     ["secret", "key", "token", "password", "sas", "credential"]
         .iter()
         .any(|w| k.contains(w))
+}
+
+/// Per-namespace totals from the per-queue counters (summed here, off the
+/// I/O path: the same snapshot a Prometheus scrape takes).
+fn namespace_counters() -> Vec<pb::NamespaceCounters> {
+    use strata_target::stats::{IoKind, registry};
+    registry()
+        .snapshot()
+        .namespaces
+        .iter()
+        .map(|((nqn, nsid), s)| pb::NamespaceCounters {
+            nqn: nqn.clone(),
+            nsid: *nsid,
+            reads: s.op(IoKind::Read).commands,
+            writes: s.op(IoKind::Write).commands,
+            read_bytes: s.op(IoKind::Read).bytes,
+            write_bytes: s.op(IoKind::Write).bytes,
+            flushes: s.op(IoKind::Flush).commands,
+            errors: IoKind::ALL.iter().map(|k| s.op(*k).errors).sum(),
+        })
+        .collect()
 }
