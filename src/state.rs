@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
-use crate::config::{ConfigError, ServeConfig};
+use crate::config::{ConfigError, ServeConfig, env_path, systemd_dir};
 
 pub const STATE_FILE: &str = "state.toml";
 const LOCK_FILE: &str = "lock";
@@ -25,17 +25,8 @@ const LOCK_FILE: &str = "lock";
 /// `$STRATA_STATE_DIR`, else systemd's `$STATE_DIRECTORY`, else
 /// `<data dir>/state` (see [`crate::config::data_dir`]).
 pub fn default_state_dir() -> PathBuf {
-    let env = |k: &str| {
-        std::env::var_os(k)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    env("STRATA_STATE_DIR")
-        .or_else(|| {
-            // systemd may pass several, colon-separated: the first is ours.
-            env("STATE_DIRECTORY")
-                .map(|d| PathBuf::from(d.to_string_lossy().split(':').next().unwrap_or_default()))
-        })
+    env_path("STRATA_STATE_DIR")
+        .or_else(|| systemd_dir("STATE_DIRECTORY"))
         .unwrap_or_else(|| crate::config::data_dir().join("state"))
 }
 

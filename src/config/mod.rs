@@ -218,6 +218,45 @@ pub(crate) struct RawNamespace {
     pub(crate) retry_budget_ms: Option<u64>,
 }
 
+impl RawNamespace {
+    /// A namespace entry with only its NSID and type set.
+    pub(crate) fn new(nsid: u32, kind: &str) -> Self {
+        Self {
+            nsid,
+            kind: kind.to_string(),
+            size: None,
+            path: None,
+            block_size: None,
+            ana_group: None,
+            uuid: None,
+            buckets: None,
+            object_size: None,
+            store_options: BTreeMap::new(),
+            auto_format: None,
+            max_in_flight: None,
+            writeback: None,
+            inject_latency_ms: None,
+            inject_error_rate: None,
+            inject_timeout_rate: None,
+            request_timeout_ms: None,
+            retry_budget_ms: None,
+        }
+    }
+}
+
+/// `$NAME` as a path, if set and not empty.
+pub fn env_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os(name)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+/// A systemd directory variable (`$STATE_DIRECTORY`, `$RUNTIME_DIRECTORY`):
+/// systemd may pass several, colon-separated; the first is ours.
+pub fn systemd_dir(name: &str) -> Option<PathBuf> {
+    env_path(name).map(|d| PathBuf::from(d.to_string_lossy().split(':').next().unwrap_or_default()))
+}
+
 /// What backs a namespace.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum BackingSpec {

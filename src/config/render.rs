@@ -7,8 +7,6 @@
 //! so a file rendered by one version parses to the same configuration in
 //! the next even if a default changes.
 
-use std::collections::BTreeMap;
-
 use super::{
     BackingSpec, ConfigError, LimitsSpec, NamespaceSpec, RawConfig, RawLimits, RawListener,
     RawMetrics, RawNamespace, RawSize, RawSubsystem, RawTarget, ServeConfig, SubsystemSpec,
@@ -96,26 +94,10 @@ pub(crate) fn render_raw(raw: &RawConfig) -> String {
 }
 
 fn raw_namespace(n: &NamespaceSpec) -> RawNamespace {
-    let mut r = RawNamespace {
-        nsid: n.nsid,
-        kind: String::new(),
-        size: None,
-        path: None,
-        block_size: Some(n.block_size),
-        ana_group: Some(n.ana_group),
-        uuid: Some(format_uuid(&n.uuid)),
-        buckets: None,
-        object_size: None,
-        store_options: BTreeMap::new(),
-        auto_format: None,
-        max_in_flight: None,
-        writeback: None,
-        inject_latency_ms: None,
-        inject_error_rate: None,
-        inject_timeout_rate: None,
-        request_timeout_ms: None,
-        retry_budget_ms: None,
-    };
+    let mut r = RawNamespace::new(n.nsid, "");
+    r.block_size = Some(n.block_size);
+    r.ana_group = Some(n.ana_group);
+    r.uuid = Some(format_uuid(&n.uuid));
     match &n.backing {
         BackingSpec::Ram { size } => {
             r.kind = "ram".into();

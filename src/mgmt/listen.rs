@@ -23,6 +23,7 @@ use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
 use super::server::Service;
+use crate::config::{env_path, systemd_dir};
 
 pub const SOCKET_NAME: &str = "mgmt.sock";
 
@@ -30,17 +31,9 @@ pub const SOCKET_NAME: &str = "mgmt.sock";
 /// `$XDG_RUNTIME_DIR/strata`, else `/run/strata` for root and
 /// `/tmp/strata-<uid>` for anyone else.
 pub fn default_runtime_dir() -> PathBuf {
-    let env = |k: &str| {
-        std::env::var_os(k)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    env("STRATA_RUNTIME_DIR")
-        .or_else(|| {
-            env("RUNTIME_DIRECTORY")
-                .map(|d| PathBuf::from(d.to_string_lossy().split(':').next().unwrap_or_default()))
-        })
-        .or_else(|| env("XDG_RUNTIME_DIR").map(|d| d.join("strata")))
+    env_path("STRATA_RUNTIME_DIR")
+        .or_else(|| systemd_dir("RUNTIME_DIRECTORY"))
+        .or_else(|| env_path("XDG_RUNTIME_DIR").map(|d| d.join("strata")))
         .unwrap_or_else(|| {
             // SAFETY: geteuid has no preconditions.
             let uid = unsafe { libc::geteuid() };

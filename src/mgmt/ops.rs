@@ -543,26 +543,10 @@ fn in_use(run: &Running, nqn: &str, force: bool, what: &str) -> Result<(), OpErr
 }
 
 fn raw_namespace(nsid: u32, ns: &NewNamespace) -> RawNamespace {
-    let mut r = RawNamespace {
-        nsid,
-        kind: ns.backing.kind().to_string(),
-        size: None,
-        path: None,
-        block_size: ns.block_size,
-        ana_group: ns.ana_group,
-        uuid: ns.uuid.clone(),
-        buckets: None,
-        object_size: None,
-        store_options: BTreeMap::new(),
-        auto_format: None,
-        max_in_flight: None,
-        writeback: None,
-        inject_latency_ms: None,
-        inject_error_rate: None,
-        inject_timeout_rate: None,
-        request_timeout_ms: None,
-        retry_budget_ms: None,
-    };
+    let mut r = RawNamespace::new(nsid, ns.backing.kind());
+    r.block_size = ns.block_size;
+    r.ana_group = ns.ana_group;
+    r.uuid = ns.uuid.clone();
     match &ns.backing {
         NewBacking::Ram { size } => r.size = Some(size.to_string()),
         NewBacking::File { path, size } => {
