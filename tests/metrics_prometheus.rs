@@ -178,9 +178,9 @@ auto_format = true
     );
 
     let sel = format!("subsystem=\"{NQN}\",nsid=\"1\",op=\"read\"");
-    let rate_q = format!("rate(strata_ns_commands_total{{{sel}}}[5s])");
+    let rate_q = format!("rate(strata_ns_commands_total{{{sel}}}[10s])");
     let p99_q =
-        format!("histogram_quantile(0.99, rate(strata_ns_latency_seconds_bucket{{{sel}}}[5s]))");
+        format!("histogram_quantile(0.99, rate(strata_ns_latency_seconds_bucket{{{sel}}}[10s]))");
     let deadline = Instant::now() + Duration::from_secs(45);
     let (mut rate, mut p99) = (None, None);
     while Instant::now() < deadline {
