@@ -122,7 +122,7 @@ const GUEST_LIB: &str = r#"
 nsids() { for d in /sys/block/nvme*; do b=${d##*/}; case $b in nvme*c*n*) continue;; esac; [ -r $d/nsid ] && cat $d/nsid; done | sort -n | tr '\n' ' '; }
 dev_of() { for d in /sys/block/nvme*; do b=${d##*/}; case $b in nvme*c*n*) continue;; esac; [ "$(cat $d/nsid 2>/dev/null)" = "$1" ] && { echo /dev/$b; return 0; }; done; echo "no device for nsid $1" >&2; return 1; }
 # wait_nsids "WANT" TENTHS: until the kernel shows exactly these namespaces.
-wait_nsids() { i=0; while [ "$(nsids)" != "$1" ]; do i=$((i+1)); [ $i -gt $2 ] && { echo "namespaces [$(nsids)], want [$1]"; return 1; }; sleep 0.1; done; echo "namespaces [$1] after ${i}00 ms"; }
+wait_nsids() { i=0; while [ "$(nsids)" != "$1" ]; do i=$((i+1)); [ $i -gt $2 ] && { echo "namespaces [$(nsids)], want [$1]"; return 1; }; sleep 0.1; done; echo "namespaces [$1] after $((i*100)) ms"; }
 wait_dev() { i=0; while [ ! -b "$1" ]; do i=$((i+1)); [ $i -gt 100 ] && { echo "no $1"; return 1; }; sleep 0.1; done; }
 same() { [ "$(sha256sum < $1)" = "$(sha256sum < $2)" ] || { echo "$1 and $2 differ"; return 1; }; }
 "#;
@@ -278,14 +278,17 @@ wait_nsids "2 3 " 200
 F=$(dev_of 2)
 dd if=$F of=/tmp/b bs=64k skip=3 count=32 iflag=direct 2>/dev/null
 same /tmp/pat /tmp/b
+# Both changes reached the same association (no reconnect): two rescans.
 grep -qx live $C/state
+[ "$(dmesg | grep -c 'nvme0: rescanning namespaces')" = 2 ]
+[ "$(dmesg | grep -c 'nvme0: Reconnecting')" = 0 ]
 echo RESULT removed-live
 # The target drops the controller; the kernel reconnects by itself.
 trig disconnect
 i=0; while grep -qx live $C/state; do i=$((i+1)); [ $i -gt 100 ] && {{ echo "controller never left live"; exit 1; }}; sleep 0.1; done
 echo "state after disconnect: $(cat $C/state)"
 i=0; until grep -qx live $C/state; do i=$((i+1)); [ $i -gt 300 ] && {{ echo "no reconnect: $(cat $C/state)"; exit 1; }}; sleep 0.1; done
-echo "live again after ${{i}}00 ms"
+echo "live again after $((i*100)) ms"
 wait_nsids "2 3 " 100
 F=$(dev_of 2)
 dd if=$F of=/tmp/b bs=64k skip=3 count=32 iflag=direct 2>/dev/null
@@ -320,6 +323,21 @@ dmesg | grep -i nvme | tail -n 30
     // when that thread ends.
     if let Some(s) = srv.lock().unwrap().as_ref() {
         report_refusals(s, "after restart");
+    }
+    // For the record: what the guest saw and how long each step took.
+    for l in run.console.lines().filter(|l| {
+        [
+            "trigger ",
+            "namespaces [",
+            "state after",
+            "live again",
+            "RESULT ",
+        ]
+        .iter()
+        .any(|p| l.starts_with(p))
+            || l.contains("nvme nvme")
+    }) {
+        eprintln!("[guest] {l}");
     }
     let failures = failures.lock().unwrap().clone();
     assert!(
