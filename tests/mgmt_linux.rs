@@ -3,7 +3,7 @@
 //! 12's 6.1 kernel with nvme-cli 2.3 in a QEMU guest (see
 //! `tests/linux_host.rs` for the guest set-up).
 //!
-//! Through `strata ctl`: a subsystem allowing only the guest's
+//! Through `strata ctl`: a listener, a subsystem allowing only the guest's
 //! host NQN, a RAM and a file namespace. The guest connects once and, while
 //! it stays connected, sees a namespace added and one removed (Namespace
 //! Attribute Changed AEN, Changed Namespace List, rescan); `ctl ctrl
@@ -139,16 +139,15 @@ fn ctl_lifecycle_seen_by_the_linux_host_and_kept_across_a_restart() {
     // through `strata ctl`, and after the restart from the state directory.
     std::fs::write(&cfg, "[[listener]]\nname = \"a\"\naddr = \"127.0.0.1:1\"\n").unwrap();
     let cfg_before = std::fs::read(&cfg).unwrap();
-    let (p, d) = (free_port(), free_port());
+    let (p, d, p2) = (free_port(), free_port(), free_port());
     let srv = Arc::new(Mutex::new(Some(Server::start_on(Some(&cfg), &dir, p, d))));
 
-    // `strata ctl listener add NAME IP:PORT` is not used: on this commit it
-    // fails with "--addr needs --token-file" (its positional `addr` shares
-    // clap's id with the global `--addr`), so the subsystem goes on the
-    // config file's listener.
+    // A second listener, through ctl, is the one the guest uses.
+    let l2 = format!("127.0.0.1:{p2}");
+    ok(&dir, &["listener", "add", "l2", &l2]);
     ok(
         &dir,
-        &["subsystem", "add", NQN, "--host", HOST, "--listener", "a"],
+        &["subsystem", "add", NQN, "--host", HOST, "--listener", "l2"],
     );
     ok(&dir, &["ns", "add", NQN, "--nsid", "1", "--ram", "8MiB"]);
     let img = dir.join("ns2.img");
@@ -219,8 +218,9 @@ fn ctl_lifecycle_seen_by_the_linux_host_and_kept_across_a_restart() {
                         .as_array()
                         .unwrap()
                         .iter()
-                        .find(|l| l["name"] == "a")
-                        .unwrap_or_else(|| panic!("listener a after the restart: {ls}"));
+                        .find(|l| l["name"] == "l2")
+                        .unwrap_or_else(|| panic!("listener l2 after the restart: {ls}"));
+                    assert_eq!(l["bound_addr"], l2.as_str());
                     assert_eq!(l["subsystems"][0], NQN, "{ls}");
                     assert!(ctrls(dir).is_empty());
                     "ok".into()
@@ -248,7 +248,7 @@ fn ctl_lifecycle_seen_by_the_linux_host_and_kept_across_a_restart() {
         r#"set -e
 {GUEST_LIB}
 trig() {{ r=$(wget -q -O - http://{h}:{trig}/$1) || {{ echo "trigger $1: no answer"; return 1; }}; echo "trigger $1: $r"; case "$r" in ok*) return 0;; esac; return 1; }}
-nvme connect -t tcp -a {h} -s {p} -n {NQN} --hostnqn={HOST} --reconnect-delay=1 --ctrl-loss-tmo=30
+nvme connect -t tcp -a {h} -s {p2} -n {NQN} --hostnqn={HOST} --reconnect-delay=1 --ctrl-loss-tmo=30
 C=
 for c in /sys/class/nvme/nvme*; do [ "$(cat $c/subsysnqn)" = "{NQN}" ] && C=$c; done
 [ -n "$C" ]; grep -qx live $C/state
@@ -301,7 +301,7 @@ wait_nsids "" 100
 # The target is killed and started again; its state directory brings
 # everything back.
 trig restart
-nvme connect -t tcp -a {h} -s {p} -n {NQN} --hostnqn={HOST}
+nvme connect -t tcp -a {h} -s {p2} -n {NQN} --hostnqn={HOST}
 wait_nsids "2 3 " 100
 nvme list | tee /tmp/list
 [ "$(grep -c Strata /tmp/list)" = 2 ]
