@@ -289,16 +289,14 @@ impl ControlPlane {
     /// is always what a restart would load.
     async fn commit(&mut self, cfg: &ServeConfig) -> Result<ReloadReport> {
         let report = self.reload(cfg).await?;
-        if let Some(st) = &self.state {
-            if let Err(e) = st.save(cfg) {
-                let old = self.current.clone();
-                if let Err(rb) = self.reload(&old).await {
-                    tracing::error!("rolling back an unpersisted change failed: {rb:#}");
-                }
-                return Err(e.context(
-                    "the change was applied but could not be persisted, so it was rolled back",
-                ));
+        if let Some(Err(e)) = self.state.as_ref().map(|st| st.save(cfg)) {
+            let old = self.current.clone();
+            if let Err(rb) = self.reload(&old).await {
+                tracing::error!("rolling back an unpersisted change failed: {rb:#}");
             }
+            return Err(e.context(
+                "the change was applied but could not be persisted, so it was rolled back",
+            ));
         }
         self.current = cfg.clone();
         self.publish();

@@ -33,8 +33,11 @@ pub struct CtlArgs {
     #[arg(long, global = true)]
     socket: Option<PathBuf>,
     /// A TCP management address instead (`strata serve --mgmt-addr`).
+    // Its own id: a global argument shares its values with any argument of
+    // the same id in a subcommand, and `listener add NAME ADDR` has an `addr`.
     #[arg(
         long = "addr",
+        id = "mgmt_addr",
         global = true,
         value_name = "IP:PORT",
         requires = "token_file"
@@ -307,10 +310,8 @@ async fn connect(a: &CtlArgs) -> Result<(ManagementClient<Channel>, Option<Strin
 
 fn req<T>(msg: T, token: &Option<String>) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
-    if let Some(t) = token {
-        if let Ok(v) = format!("Bearer {t}").parse() {
-            r.metadata_mut().insert("authorization", v);
-        }
+    if let Some(Ok(v)) = token.as_ref().map(|t| format!("Bearer {t}").parse()) {
+        r.metadata_mut().insert("authorization", v);
     }
     r
 }
@@ -944,4 +945,42 @@ fn listeners_out(ls: &[pb::Listener], json: bool) -> Result<Value, CtlError> {
         .collect();
     table(&["NAME", "ADDR", "BOUND", "ANA", "SUBSYSTEMS"], &rows);
     Ok(Value::Null)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        ctl: CtlArgs,
+    }
+
+    #[test]
+    fn listener_add_address_is_not_the_global_addr() {
+        let c = Cli::try_parse_from(["ctl", "listener", "add", "l2", "127.0.0.1:4421"]).unwrap();
+        assert_eq!(c.ctl.tcp_addr, None);
+        match c.ctl.cmd {
+            CtlCmd::Listener(ListenerCmd::Add { name, addr }) => {
+                assert_eq!((name.as_str(), addr.as_str()), ("l2", "127.0.0.1:4421"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let c = Cli::try_parse_from([
+            "ctl",
+            "--addr",
+            "127.0.0.1:9",
+            "--token-file",
+            "t",
+            "listener",
+            "add",
+            "l2",
+            "127.0.0.1:4421",
+        ])
+        .unwrap();
+        assert_eq!(c.ctl.tcp_addr.as_deref(), Some("127.0.0.1:9"));
+    }
 }
