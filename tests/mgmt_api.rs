@@ -301,8 +301,8 @@ fn refusals_name_the_field_and_change_nothing() {
         7,
     );
 
-    // Malformed requests on the socket: garbage bytes, and a gRPC frame
-    // that is not a valid message. The target keeps answering.
+    // A malformed request on the socket (bytes that are not HTTP/2): that
+    // connection is dropped and the target keeps answering.
     {
         use std::io::{Read as _, Write as _};
         let mut s = std::os::unix::net::UnixStream::connect(socket(dir)).unwrap();
