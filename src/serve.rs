@@ -15,7 +15,7 @@ use crate::control::{
 };
 use crate::mgmt::listen::{bind_unix, default_socket, read_token, serve_tcp, serve_unix};
 use crate::mgmt::server::Service;
-use crate::state::{StateDir, default_state_dir};
+use crate::state::{StateDir, default_state_dir, save_seed};
 
 pub use crate::control::objbacker_config;
 
@@ -56,25 +56,44 @@ fn reload_source(args: &ServeArgs, state_file: &std::path::Path) -> Result<Serve
     }
 }
 
-/// The state a start begins with: the saved state if the state directory
-/// holds one (it is the source of truth), else the config file or the
-/// embedded default, which seeds it.
-fn initial(args: &ServeArgs, state: &StateDir) -> Result<ServeConfig> {
+/// The config text a start or SIGHUP applies: the `--config` file, or
+/// the embedded default.
+fn seed_text(args: &ServeArgs) -> Result<String> {
+    Ok(match &args.config {
+        Some(p) => std::fs::read_to_string(p)
+            .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", p.display()))?,
+        None => crate::config::EMBEDDED_DEFAULT.to_string(),
+    })
+}
+
+/// The state a start begins with, and whether it came from the config
+/// (which then has to be recorded as the seed):
+/// - an empty state directory: the config file (or the embedded default);
+/// - a saved state seeded from the same config text: the saved state,
+///   so management changes survive a restart;
+/// - a saved state, but the config file changed since it was seeded or
+///   last applied: the file, as a SIGHUP would apply it.
+fn initial(args: &ServeArgs, state: &StateDir, text: &str) -> Result<(ServeConfig, bool)> {
     // A broken --config is an error even when the saved state wins: the
     // operator learns now, not at the next SIGHUP.
     let seed = load(args)?;
     match state.load()? {
-        Some(saved) => {
-            if let Some(c) = &args.config {
-                tracing::info!(
-                    state = %state.path().display(),
-                    config = %c.display(),
-                    "starting from the saved state; --config seeds only an empty state directory (SIGHUP applies it)"
-                );
-            }
-            overridden(args, saved)
+        Some(saved) if state.seed().as_deref() == Some(text) => {
+            tracing::info!(
+                state = %state.path().display(),
+                "starting from the saved state (the config file is unchanged since it seeded it)"
+            );
+            Ok((overridden(args, saved)?, false))
         }
-        None => Ok(seed),
+        Some(_) => {
+            tracing::info!(
+                state = %state.path().display(),
+                config = ?args.config,
+                "the config file changed since the saved state was seeded: applying it (management changes since are replaced)"
+            );
+            Ok((seed, true))
+        }
+        None => Ok((seed, true)),
     }
 }
 
@@ -103,7 +122,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
     let state = StateDir::open(&state_dir)?;
     let state_file = state.path();
-    let cfg = initial(&args, &state)?;
+    let text = seed_text(&args)?;
+    let (cfg, seeded) = initial(&args, &state, &text)?;
     let socket = args.mgmt_socket.clone().unwrap_or_else(default_socket);
     let token = match (&args.mgmt_addr, &args.mgmt_token_file) {
         (Some(_), Some(f)) => Some(read_token(f)?),
@@ -155,6 +175,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
         // same socket fails here, having changed nothing.
         let mgmt_listener = bind_unix(&socket)?;
         let (cp, handle) = ControlPlane::start(cfg.clone(), opts).await?;
+        if seeded {
+            save_seed(&state_dir, &text)?;
+        }
         let (stop_mgmt, mgmt_stopped) = tokio::sync::watch::channel(false);
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
@@ -188,7 +211,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
                     tracing::info!("SIGHUP: reloading configuration");
                     // Queued behind any reload in progress; signals keep
                     // being handled meanwhile.
-                    tokio::spawn(reload(args.clone(), state_file.clone(), handle.clone()));
+                    tokio::spawn(reload(args.clone(), state_dir.clone(), handle.clone()));
                 }
                 _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
                 _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
@@ -212,8 +235,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
     Ok(())
 }
 
-async fn reload(args: ServeArgs, state_file: PathBuf, handle: ControlHandle) {
-    let cfg = match reload_source(&args, &state_file) {
+async fn reload(args: ServeArgs, state_dir: PathBuf, handle: ControlHandle) {
+    let text = seed_text(&args);
+    let cfg = match reload_source(&args, &state_dir.join(crate::state::STATE_FILE)) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("reload refused, running configuration unchanged: {e:#}");
@@ -222,15 +246,24 @@ async fn reload(args: ServeArgs, state_file: PathBuf, handle: ControlHandle) {
     };
     let (subsystems, listeners) = (cfg.subsystems.len(), cfg.listeners.len());
     match handle.reload(cfg).await {
-        Ok(r) => tracing::info!(
-            subsystems,
-            listeners,
-            added = ?r.added,
-            removed = ?r.removed,
-            kept = r.kept,
-            warnings = r.warnings.len(),
-            "configuration applied"
-        ),
+        Ok(r) => {
+            tracing::info!(
+                subsystems,
+                listeners,
+                added = ?r.added,
+                removed = ?r.removed,
+                kept = r.kept,
+                warnings = r.warnings.len(),
+                "configuration applied"
+            );
+            // The file applied is the new seed: a restart with it keeps
+            // the state (and what the API changes after).
+            if let (Some(_), Ok(t)) = (&args.config, &text)
+                && let Err(e) = save_seed(&state_dir, t)
+            {
+                tracing::error!("recording the applied config: {e:#}");
+            }
+        }
         Err(e) => tracing::error!("reload refused, running configuration unchanged: {e:#}"),
     }
 }

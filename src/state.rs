@@ -20,6 +20,10 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use crate::config::{ConfigError, ServeConfig, env_path, systemd_dir};
 
 pub const STATE_FILE: &str = "state.toml";
+/// The text of the config file the state was last seeded from (or
+/// `--config` last applied by SIGHUP): a start whose `--config` differs from
+/// it applies the file, as a SIGHUP would.
+pub const SEED_FILE: &str = "seed.toml";
 const LOCK_FILE: &str = "lock";
 
 /// `$STRATA_STATE_DIR`, else systemd's `$STATE_DIRECTORY`, else
@@ -100,6 +104,11 @@ impl StateDir {
         ServeConfig::load(&p).map(Some)
     }
 
+    /// The config text the state was last seeded from, if recorded.
+    pub fn seed(&self) -> Option<String> {
+        std::fs::read_to_string(self.dir.join(SEED_FILE)).ok()
+    }
+
     /// Replaces the saved state with `cfg`, atomically and durably.
     pub fn save(&self, cfg: &ServeConfig) -> Result<()> {
         let text = format!(
@@ -120,6 +129,11 @@ impl IfEmpty for str {
     fn if_empty<'a>(&'a self, other: &'a str) -> &'a str {
         if self.is_empty() { other } else { self }
     }
+}
+
+/// Records `text` as the config the state directory `dir` was seeded from.
+pub fn save_seed(dir: &Path, text: &str) -> Result<()> {
+    write_atomic(dir, SEED_FILE, text.as_bytes())
 }
 
 /// write → fsync → rename → fsync(dir): after a crash the file under `name`

@@ -581,3 +581,29 @@ fn tcp_management_needs_the_token() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("chmod 600"));
 }
+
+/// Restarting with the same config file keeps the management changes; a
+/// config file edited since then is applied instead (the last explicit
+/// intent wins), and the log says so.
+#[test]
+fn an_edited_config_file_wins_at_restart_an_unchanged_one_does_not() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let cfg = write_config(dir);
+    let (port, disc) = (free_port(), free_port());
+    let mut srv = Server::start_on(Some(&cfg), dir, port, disc);
+    ok(dir, &["subsystem", "add", NQN, "--allow-any-host"]);
+    srv.kill9();
+    let mut srv = Server::start_on(Some(&cfg), dir, port, disc);
+    assert_eq!(json(dir, &["subsystem", "ls"]).as_array().unwrap().len(), 2);
+    assert!(srv.log_text().contains("starting from the saved state"));
+    srv.kill9();
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str("\n[[subsystem.namespace]]\nnsid = 2\ntype = \"ram\"\nsize = \"1MiB\"\n");
+    std::fs::write(&cfg, text).unwrap();
+    let srv = Server::start_on(Some(&cfg), dir, port, disc);
+    let subs = json(dir, &["subsystem", "ls"]);
+    assert_eq!(subs.as_array().unwrap().len(), 1, "{subs}");
+    assert_eq!(nsids(dir, "nqn.2026-12.dev.strata:seed"), [1, 2]);
+    assert!(srv.log_text().contains("the config file changed"));
+}
