@@ -45,6 +45,8 @@ impl Serve {
             .arg("--discovery")
             .arg(format!("127.0.0.1:{}", free_port()))
             .env("STRATA_DATA_DIR", dir.join("data"))
+            // Its own management socket, whatever else runs.
+            .env("STRATA_RUNTIME_DIR", dir.join("run"))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
         if let Some(c) = config {
