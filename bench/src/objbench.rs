@@ -430,8 +430,10 @@ impl ServeChild {
             .arg("--discovery")
             .arg(format!("127.0.0.1:{disc}"))
             .env("STRATA_DATA_DIR", dir.join("data"))
-            // Its own state and management socket, whatever else runs.
-            .env("STRATA_RUNTIME_DIR", dir.join("run"))
+            // Its own state and management socket: the bench runs two
+            // targets side by side in one directory.
+            .env("STRATA_STATE_DIR", dir.join(format!("state-{label}")))
+            .env("STRATA_RUNTIME_DIR", dir.join(format!("run-{label}")))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
