@@ -309,7 +309,7 @@ impl ControlPlane {
             bound: self.bound.clone(),
             port_ids: self.port_ids.clone(),
             state_file: self.state.as_ref().map(StateDir::path),
-            ns_sizes: self.running().ns_sizes,
+            ns_sizes: self.ns_sizes(),
         }));
     }
 
@@ -321,12 +321,19 @@ impl ControlPlane {
                 *run.controllers.entry(c.subnqn().to_string()).or_default() += 1;
             }
         }
-        for (k, d) in &self.devs {
-            let i = d.bdev.info();
-            run.ns_sizes
-                .insert((k.0.clone(), k.1), i.num_blocks * u64::from(i.block_size));
-        }
+        run.ns_sizes = self.ns_sizes();
         run
+    }
+
+    /// (NQN, NSID) → bytes of the device serving it.
+    fn ns_sizes(&self) -> HashMap<(String, u32), u64> {
+        self.devs
+            .iter()
+            .map(|(k, d)| {
+                let i = d.bdev.info();
+                ((k.0.clone(), k.1), i.num_blocks * u64::from(i.block_size))
+            })
+            .collect()
     }
 
     async fn change(&mut self, op: &Op) -> Result<Arc<View>> {

@@ -10,61 +10,15 @@ mod support;
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
-use serde_json::Value;
+use support::ctl::{ctl, json, ok, refused, socket};
 use support::{Client, Server, free_port, output_within, pattern};
 
 const NQN: &str = "nqn.2026-12.dev.strata:mgmt";
 const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:11111111-2222-3333-4444-555555555555";
 const OTHER: &str = "nqn.2014-08.org.nvmexpress:uuid:99999999-2222-3333-4444-555555555555";
-
-fn socket(dir: &Path) -> PathBuf {
-    dir.join("run").join("mgmt.sock")
-}
-
-fn ctl_cmd(dir: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_strata"));
-    c.arg("ctl").arg("--socket").arg(socket(dir)).args(args);
-    c
-}
-
-fn ctl(dir: &Path, args: &[&str]) -> Output {
-    output_within(&mut ctl_cmd(dir, args), Duration::from_secs(60))
-}
-
-/// Runs `strata ctl ARGS`, which must succeed; its stdout.
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let o = ctl(dir, args);
-    assert!(
-        o.status.success(),
-        "strata ctl {args:?} failed ({:?}): {}{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
-}
-
-fn json(dir: &Path, args: &[&str]) -> Value {
-    let mut a = vec!["--json"];
-    a.extend_from_slice(args);
-    serde_json::from_str(&ok(dir, &a)).unwrap()
-}
-
-/// Runs `strata ctl ARGS`, which must fail with exit `code`; its stderr.
-fn refused(dir: &Path, args: &[&str], code: i32) -> String {
-    let o = ctl(dir, args);
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert_eq!(
-        o.status.code(),
-        Some(code),
-        "strata ctl {args:?}: expected exit {code}; stdout {} stderr {err}",
-        String::from_utf8_lossy(&o.stdout)
-    );
-    err
-}
 
 fn write_config(dir: &Path) -> PathBuf {
     let p = dir.join("strata.toml");

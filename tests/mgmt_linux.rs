@@ -20,60 +20,17 @@ mod common;
 mod support;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::guest::{self, GuestOptions, HOST_FROM_GUEST, run_guest_with};
-use serde_json::Value;
-use support::{Server, free_port, output_within, trigger_server, wait_until};
+use support::ctl::{json, ok, refused};
+use support::{Server, free_port, trigger_server, wait_until};
 
 const GUEST_TIMEOUT: Duration = Duration::from_secs(300);
 const NQN: &str = "nqn.2026-12.dev.strata:mgmt-linux";
 const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:7e57a5e0-0009-4000-8000-00000000f00d";
-
-fn socket(dir: &Path) -> PathBuf {
-    dir.join("run").join("mgmt.sock")
-}
-
-fn ctl(dir: &Path, args: &[&str]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_strata"));
-    c.arg("ctl").arg("--socket").arg(socket(dir)).args(args);
-    output_within(&mut c, Duration::from_secs(60))
-}
-
-/// Runs `strata ctl ARGS`, which must succeed; its stdout.
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let o = ctl(dir, args);
-    assert!(
-        o.status.success(),
-        "strata ctl {args:?} failed ({:?}): {}{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
-}
-
-fn json(dir: &Path, args: &[&str]) -> Value {
-    let mut a = vec!["--json"];
-    a.extend_from_slice(args);
-    serde_json::from_str(&ok(dir, &a)).unwrap()
-}
-
-/// Runs `strata ctl ARGS`, which must fail with exit `code`; its stderr.
-fn refused(dir: &Path, args: &[&str], code: i32) -> String {
-    let o = ctl(dir, args);
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert_eq!(
-        o.status.code(),
-        Some(code),
-        "strata ctl {args:?}: expected exit {code}; stdout {} stderr {err}",
-        String::from_utf8_lossy(&o.stdout)
-    );
-    err
-}
 
 fn nsids(dir: &Path) -> Vec<u64> {
     json(dir, &["ns", "ls", NQN])
@@ -97,23 +54,6 @@ fn ctrls(dir: &Path) -> Vec<(u64, String)> {
             )
         })
         .collect()
-}
-
-/// What the kernel host asked for that the target refused, for the record;
-/// fails on a target panic.
-fn report_refusals(srv: &Server, test: &str) {
-    for l in srv
-        .log_text()
-        .lines()
-        .filter(|l| l.contains("admin command refused"))
-    {
-        eprintln!("[{test}] {l}");
-    }
-    assert!(
-        !srv.log_text().contains("panicked"),
-        "target panicked:\n{}",
-        srv.log_text()
-    );
 }
 
 /// Guest shell helpers (no udev in the guest): the NSIDs of the block
@@ -207,7 +147,7 @@ fn ctl_lifecycle_seen_by_the_linux_host_and_kept_across_a_restart() {
                     let mut g = s2.lock().unwrap();
                     if let Some(mut old) = g.take() {
                         old.kill9();
-                        report_refusals(&old, "before restart");
+                        old.report_refusals("before restart");
                     }
                     *g = Some(Server::start_on(Some(&cfg2), dir, p, d));
                     assert_eq!(nsids(dir), [2, 3], "namespaces after the restart");
@@ -322,7 +262,7 @@ dmesg | grep -i nvme | tail -n 30
     // spawned by its thread, and guard_command's PR_SET_PDEATHSIG kills it
     // when that thread ends.
     if let Some(s) = srv.lock().unwrap().as_ref() {
-        report_refusals(s, "after restart");
+        s.report_refusals("after restart");
     }
     // For the record: what the guest saw and how long each step took.
     for l in run.console.lines().filter(|l| {

@@ -109,6 +109,16 @@ impl Server {
         if exited { st } else { None }
     }
 
+    /// Prints what a host asked for that the target refused, for the
+    /// record; fails on a target panic.
+    pub fn report_refusals(&self, test: &str) {
+        let log = self.log_text();
+        for l in log.lines().filter(|l| l.contains("admin command refused")) {
+            eprintln!("[{test}] {l}");
+        }
+        assert!(!log.contains("panicked"), "target panicked:\n{log}");
+    }
+
     /// Waits up to `limit` for `needle` to appear in the log.
     pub fn wait_log(&self, needle: &str, limit: Duration) -> bool {
         wait_until(limit, || self.log_text().contains(needle))
@@ -132,6 +142,7 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+pub mod ctl;
 pub mod objstores;
 
 impl Server {
