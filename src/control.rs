@@ -70,8 +70,8 @@ pub enum Request {
 #[derive(Debug)]
 pub enum Response {
     Reloaded(ReloadReport),
-    /// A change was applied and persisted; the view after it.
-    Changed(Arc<View>),
+    /// A change was applied and persisted.
+    Changed(Changed),
     Stopped,
 }
 
@@ -95,6 +95,15 @@ impl View {
     pub fn bound_addr(&self, listener: &str) -> Option<SocketAddr> {
         self.bound.get(self.port_ids.get(listener)?).copied()
     }
+}
+
+/// What a [`Request::Change`] did.
+#[derive(Debug)]
+pub struct Changed {
+    /// The view right after this change (before any later one).
+    pub view: Arc<View>,
+    /// For an added namespace: its NSID (the one chosen if 0 was asked).
+    pub added_nsid: Option<u32>,
 }
 
 /// Why a [`Request::Change`] was refused.
@@ -155,10 +164,10 @@ impl ControlHandle {
         self.request(Request::Shutdown).await.map(|_| ())
     }
 
-    /// Applies one management change; the view after it.
-    pub async fn change(&self, op: Op) -> Result<Arc<View>, ChangeError> {
+    /// Applies one management change.
+    pub async fn change(&self, op: Op) -> Result<Changed, ChangeError> {
         match self.request(Request::Change(Box::new(op))).await {
-            Ok(Response::Changed(v)) => Ok(v),
+            Ok(Response::Changed(c)) => Ok(c),
             Ok(other) => Err(ChangeError::Apply(anyhow!(
                 "unexpected answer to a change: {other:?}"
             ))),
@@ -336,10 +345,29 @@ impl ControlPlane {
             .collect()
     }
 
-    async fn change(&mut self, op: &Op) -> Result<Arc<View>> {
+    async fn change(&mut self, op: &Op) -> Result<Changed> {
         let new = ops::apply(&self.current, op, &self.running())?;
+        // Only this change lies between the two: the NSID that is new is
+        // the one it added.
+        let added_nsid = match op {
+            Op::AddNamespace { nqn, .. } => {
+                let nsids = |c: &ServeConfig| -> Vec<u32> {
+                    c.subsystems
+                        .iter()
+                        .filter(|s| &s.nqn == nqn)
+                        .flat_map(|s| s.namespaces.iter().map(|n| n.nsid))
+                        .collect()
+                };
+                let old = nsids(&self.current);
+                nsids(&new).into_iter().find(|n| !old.contains(n))
+            }
+            _ => None,
+        };
         self.commit(&new).await?;
-        Ok(self.view.borrow().clone())
+        Ok(Changed {
+            view: self.view.borrow().clone(),
+            added_nsid,
+        })
     }
 
     pub fn target(&self) -> &Arc<Target> {

@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{self, find_subsystem, status_of};
 use super::ops::Op;
-use crate::control::{ChangeError, ControlHandle, View};
+use crate::control::{ChangeError, Changed, ControlHandle, View};
 
 pub struct Service {
     ctl: ControlHandle,
@@ -29,6 +29,10 @@ impl Service {
     }
 
     async fn change(&self, op: Op) -> Result<std::sync::Arc<View>, Status> {
+        self.change_full(op).await.map(|c| c.view)
+    }
+
+    async fn change_full(&self, op: Op) -> Result<Changed, Status> {
         tracing::info!(?op, "management change");
         self.ctl.change(op).await.map_err(|e| match e {
             ChangeError::Invalid(e) => status_of(&e),
@@ -195,28 +199,17 @@ impl Management for Service {
     async fn add_namespace(&self, r: Request<pb::AddNamespaceRequest>) -> R<pb::Namespace> {
         let r = r.into_inner();
         let ns = convert::new_namespace(&r)?;
-        let before = self.ctl.view();
-        let v = self
-            .change(Op::AddNamespace {
+        let c = self
+            .change_full(Op::AddNamespace {
                 nqn: r.nqn.clone(),
                 ns,
             })
             .await?;
-        // The new one is the NSID that was not there before.
-        let s = find_subsystem(&v.cfg, &r.nqn)?;
-        let old: Vec<u32> = find_subsystem(&before.cfg, &r.nqn)
-            .map(|s| s.namespaces.iter().map(|n| n.nsid).collect())
-            .unwrap_or_default();
-        let n = s
+        let v = c.view;
+        let n = find_subsystem(&v.cfg, &r.nqn)?
             .namespaces
             .iter()
-            .find(|n| {
-                if r.nsid != 0 {
-                    n.nsid == r.nsid
-                } else {
-                    !old.contains(&n.nsid)
-                }
-            })
+            .find(|n| Some(n.nsid) == c.added_nsid)
             .ok_or_else(|| Status::internal("the namespace added is not in the new state"))?;
         Ok(Response::new(convert::namespace(&v, &r.nqn, n)))
     }
