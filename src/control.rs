@@ -116,6 +116,9 @@ pub enum ChangeError {
     /// port in use, a store that does not answer): rolled back.
     #[error("{0:#}")]
     Apply(anyhow::Error),
+    /// The control plane has stopped (the target is shutting down).
+    #[error("the control plane has stopped")]
+    Stopped,
 }
 
 /// What a reload did.
@@ -166,7 +169,11 @@ impl ControlHandle {
 
     /// Applies one management change.
     pub async fn change(&self, op: Op) -> Result<Changed, ChangeError> {
-        match self.request(Request::Change(Box::new(op))).await {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send((Request::Change(Box::new(op)), tx))
+            .map_err(|_| ChangeError::Stopped)?;
+        match rx.await.map_err(|_| ChangeError::Stopped)? {
             Ok(Response::Changed(c)) => Ok(c),
             Ok(other) => Err(ChangeError::Apply(anyhow!(
                 "unexpected answer to a change: {other:?}"

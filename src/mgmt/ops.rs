@@ -155,6 +155,28 @@ pub enum Op {
     },
 }
 
+impl Op {
+    /// The change's name, for logs: never its fields, which can hold
+    /// store credentials.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::CreateSubsystem { .. } => "create subsystem",
+            Op::DeleteSubsystem { .. } => "delete subsystem",
+            Op::SetAllowAnyHost { .. } => "set allow-any-host",
+            Op::AllowHost { .. } => "allow host",
+            Op::DenyHost { .. } => "deny host",
+            Op::AddNamespace { .. } => "add namespace",
+            Op::RemoveNamespace { .. } => "remove namespace",
+            Op::ResizeNamespace { .. } => "resize namespace",
+            Op::AddListener { .. } => "add listener",
+            Op::RemoveListener { .. } => "remove listener",
+            Op::AttachListener { .. } => "attach listener",
+            Op::DetachListener { .. } => "detach listener",
+            Op::SetAnaState { .. } => "set ANA state",
+        }
+    }
+}
+
 /// What the running target knows that the configuration does not.
 #[derive(Default, Debug)]
 pub struct Running {

@@ -33,19 +33,11 @@ impl Service {
     }
 
     async fn change_full(&self, op: Op) -> Result<Changed, Status> {
-        tracing::info!(?op, "management change");
+        tracing::info!(change = op.name(), "management change");
         self.ctl.change(op).await.map_err(|e| match e {
             ChangeError::Invalid(e) => status_of(&e),
-            ChangeError::Apply(e) => {
-                let msg = format!("{e:#}");
-                if msg.contains("control plane has stopped")
-                    || msg.contains("stopped before answering")
-                {
-                    Status::unavailable(msg)
-                } else {
-                    Status::failed_precondition(msg)
-                }
-            }
+            ChangeError::Apply(e) => Status::failed_precondition(format!("{e:#}")),
+            ChangeError::Stopped => Status::unavailable("the target is stopping"),
         })
     }
 
