@@ -20,6 +20,7 @@
 #
 # Environment: ROUNDS (3), SIZE_MB (256), DELAY_MS (20), BUCKETS (6),
 # OBJECT_MB (objbacker object size in MiB, 1; a power of two up to 16),
+# READAHEAD (the namespace's `readahead`, e.g. 4MiB; unset: its default),
 # STRATA_BIN (build/release/strata), S3S_FS_BIN (s3s-fs on PATH or
 # ~/.cargo/bin), OUT (results directory, default /tmp/s3fs-compare-DATE),
 # MAX_SECONDS (whole-run bound, 1800), KEEP (1: keep the work directory).
@@ -31,6 +32,7 @@ SIZE_MB=${SIZE_MB:-256}
 DELAY_MS=${DELAY_MS:-20}
 BUCKETS=${BUCKETS:-6}
 OBJECT_MB=${OBJECT_MB:-1}
+READAHEAD=${READAHEAD:-}
 MAX_SECONDS=${MAX_SECONDS:-1800}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 STRATA=${STRATA_BIN:-$HERE/build/release/strata}
@@ -190,6 +192,7 @@ size = "$((4 * SIZE_MB))MiB"
 object_size = "${OBJECT_MB}MiB"
 buckets = [${urls%, }]
 auto_format = true
+${READAHEAD:+readahead = \"$READAHEAD\"}
 store_options = { aws_endpoint = "http://127.0.0.1:$PROXY_PORT", aws_allow_http = "true", aws_virtual_hosted_style_request = "false", aws_region = "us-east-1", aws_access_key_id = "$AK", aws_secret_access_key = "$SK" }
 EOF
     serve_start "$cfg" "$log"

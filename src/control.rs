@@ -956,6 +956,7 @@ fn objbacker_diff(a: &BackingSpec, abs: u32, b: &BackingSpec, bbs: u32) -> Vec<&
             auto_format: af1,
             max_in_flight: m1,
             writeback_bytes: w1,
+            readahead_bytes: ra1,
             inject: i1,
             request_timeout_ms: rt1,
             retry_budget_ms: rb1,
@@ -968,6 +969,7 @@ fn objbacker_diff(a: &BackingSpec, abs: u32, b: &BackingSpec, bbs: u32) -> Vec<&
             auto_format: af2,
             max_in_flight: m2,
             writeback_bytes: w2,
+            readahead_bytes: ra2,
             inject: i2,
             request_timeout_ms: rt2,
             retry_budget_ms: rb2,
@@ -990,6 +992,7 @@ fn objbacker_diff(a: &BackingSpec, abs: u32, b: &BackingSpec, bbs: u32) -> Vec<&
     d(af1 != af2, "auto_format");
     d(m1 != m2, "max_in_flight");
     d(w1 != w2, "writeback");
+    d(ra1 != ra2, "readahead");
     d(
         i1 != i2,
         "inject_latency_ms/inject_error_rate/inject_timeout_rate",
@@ -1180,6 +1183,7 @@ pub fn objbacker_config(name: &str, b: &BackingSpec, block_size: u32) -> ObjBack
         store_options,
         max_in_flight,
         writeback_bytes,
+        readahead_bytes,
         inject,
         request_timeout_ms,
         retry_budget_ms,
@@ -1198,6 +1202,7 @@ pub fn objbacker_config(name: &str, b: &BackingSpec, block_size: u32) -> ObjBack
         block_size,
         max_in_flight: max_in_flight.unwrap_or(d.max_in_flight),
         writeback_bytes: writeback_bytes.unwrap_or(d.writeback_bytes),
+        readahead_bytes: readahead_bytes.unwrap_or(d.readahead_bytes),
         request_timeout: request_timeout_ms
             .map(Duration::from_millis)
             .unwrap_or(d.request_timeout),

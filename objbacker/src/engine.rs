@@ -328,9 +328,6 @@ struct Stream {
 
 /// Sequential readers (and whole-object writers) tracked at once.
 const MAX_STREAMS: usize = 16;
-/// Upper bound of one stream's read-ahead window, whatever
-/// `readahead_objects` says.
-const MAX_READAHEAD_BYTES: u64 = 64 << 20;
 /// Upper bound of all read-ahead data held or in flight.
 const MAX_READAHEAD_CACHE_BYTES: u64 = 256 << 20;
 
@@ -467,7 +464,7 @@ pub(crate) struct Inner {
     kick: Notify,
     writeback_bytes: u64,
     writeback_delay: Duration,
-    readahead: usize,
+    readahead_bytes: u64,
     max_in_flight: usize,
     /// The write cache refused a whole-object write for lack of room
     /// (logged once).
@@ -525,7 +522,7 @@ impl Inner {
             kick: Notify::new(),
             writeback_bytes: cfg.writeback_bytes,
             writeback_delay: cfg.writeback_delay,
-            readahead: cfg.readahead_objects,
+            readahead_bytes: cfg.readahead_bytes.min(crate::config::MAX_READAHEAD_BYTES),
             max_in_flight: cfg.max_in_flight,
             cache_full_logged: Default::default(),
             rt: tokio::runtime::Handle::current(),
@@ -586,6 +583,23 @@ impl Inner {
     /// Seeds `maybe_stored` from one LIST of every bucket, so a TRIM of
     /// never-written objects costs no DELETE. Until it finishes every
     /// object counts as maybe stored; on any error it stays that way.
+    /// Whether this engine uses bucket `b`: overlapping URLs (one a
+    /// prefix of the other), and for `memory://` (where every store is its
+    /// own bucket whatever its URL) the same store.
+    pub fn holds_bucket(&self, b: &Bucket) -> bool {
+        let overlap = |x: &str, y: &str| {
+            let (x, y) = (x.trim_end_matches('/'), y.trim_end_matches('/'));
+            x == y
+                || y.strip_prefix(x).is_some_and(|r| r.starts_with('/'))
+                || x.strip_prefix(y).is_some_and(|r| r.starts_with('/'))
+        };
+        self.buckets.iter().any(|mine| {
+            overlap(&mine.url, &b.url)
+                && (!b.url.starts_with("memory:")
+                    || std::ptr::addr_eq(Arc::as_ptr(&mine.store), Arc::as_ptr(&b.store)))
+        })
+    }
+
     pub async fn scan_stored(weak: Weak<Self>) {
         let Some(me) = weak.upgrade() else { return };
         let n = me.geo.num_objects;
@@ -1298,11 +1312,11 @@ impl Inner {
             inner: self.clone(),
             stream: None,
         };
-        if self.readahead == 0 || len == 0 {
+        if self.readahead_bytes == 0 || len == 0 {
             return ticket;
         }
         let obj = self.geo.obj_size;
-        let window = (self.readahead as u64).min((MAX_READAHEAD_BYTES / obj).max(1));
+        let window = self.readahead_bytes.div_ceil(obj).max(1);
         let cap = (4 * window).min((MAX_READAHEAD_CACHE_BYTES / obj).max(2)) as usize;
         // Reads of one stream may arrive a little out of order; one window
         // either side still counts as the same stream.

@@ -57,6 +57,14 @@ pub enum ObjError {
     Mismatch(String),
     #[error("superblock of {url} is unreadable: {message}")]
     BadSuperblock { url: String, message: String },
+    #[error(
+        "{url} is still in use by an earlier device of this process ({name}), which has store requests in flight after {waited_ms} ms; attach refused so that none of them can land after this device's LIST or DELETEs. Retry once they finish (a request the store never answers resolves within orphan_deadline)"
+    )]
+    StillInUse {
+        url: String,
+        name: String,
+        waited_ms: u64,
+    },
 }
 
 /// object_store is built with `ring` and reqwest without a default TLS
@@ -108,6 +116,7 @@ impl ObjBacker {
         cfg: ObjBackerConfig,
         buckets: Vec<store::Bucket>,
     ) -> Result<Arc<Self>, ObjError> {
+        wait_for_earlier_engines(&cfg, &buckets).await?;
         let probe = store::Retrier::new(&cfg);
         let superblock = superblock::check_attach(&cfg, &probe, &buckets).await?;
         // Same counters as the device, so attach-time retries show in stats().
@@ -267,6 +276,52 @@ type DeviceList = Mutex<Vec<(String, Weak<engine::Inner>)>>;
 fn devices() -> &'static DeviceList {
     static D: OnceLock<DeviceList> = OnceLock::new();
     D.get_or_init(Default::default)
+}
+
+/// A dropped device's write-back PUTs, DELETEs and retries run on until
+/// they finish. One that lands after a new device on the same buckets
+/// has LISTed them escapes its stored-object bitmap (a TRIM of that
+/// object would skip its DELETE, and the old data would read back), and
+/// one that lands after the new device's own DELETE or PUT undoes it. So
+/// an attach waits, bounded by one operation's worst case, until no
+/// earlier engine of this process holds any of its buckets.
+async fn wait_for_earlier_engines(
+    cfg: &ObjBackerConfig,
+    buckets: &[store::Bucket],
+) -> Result<(), ObjError> {
+    let bound = cfg.request_timeout + cfg.retry_budget;
+    let start = std::time::Instant::now();
+    let mut logged = false;
+    loop {
+        let holder = {
+            let mut d = devices().lock().unwrap_or_else(|p| p.into_inner());
+            d.retain(|(_, w)| w.strong_count() > 0);
+            d.iter().find_map(|(name, w)| {
+                let inner = w.upgrade()?;
+                let url = buckets.iter().find(|b| inner.holds_bucket(b))?.url.clone();
+                Some((name.clone(), url))
+            })
+        };
+        let Some((name, url)) = holder else {
+            return Ok(());
+        };
+        let waited = start.elapsed();
+        if waited >= bound {
+            return Err(ObjError::StillInUse {
+                url,
+                name,
+                waited_ms: waited.as_millis() as u64,
+            });
+        }
+        if !logged {
+            logged = true;
+            tracing::info!(
+                "objbacker {}: waiting for the earlier device {name} to finish its requests to {url}",
+                cfg.name
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
 }
 
 fn register_device(name: &str, inner: &Arc<engine::Inner>) {

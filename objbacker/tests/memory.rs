@@ -478,7 +478,7 @@ async fn sequential_reads_trigger_read_ahead_and_writes_invalidate_it() {
     let data = pattern(0, 12 * OBJ, 9);
     Host::new(&dev).write(0, &data, false).await.unwrap();
     drop(dev);
-    cfg.readahead_objects = 3;
+    cfg.readahead_bytes = 3 * OBJ;
     let dev = ObjBacker::attach_with_stores(cfg.clone(), dyn_of(&mem))
         .await
         .unwrap();
@@ -815,7 +815,10 @@ async fn trim_far_beyond_written_data_is_bounded() {
     assert_eq!(h.read(9 * MIB, MIB).await.unwrap(), vec![0; MIB as usize]);
     assert_eq!(dev.dirty_bytes(), 0);
     // Without the LIST (an object written by someone else) the DELETE is
-    // not skipped: the second device attaches to the same store.
+    // not skipped: the second device attaches to the same store, once the
+    // first has let go of it (an attach waits for that).
+    drop(h);
+    drop(dev);
     mem[0]
         .put(
             &Path::from("dev/00000010"),

@@ -115,7 +115,7 @@ async fn setup(readahead: usize) -> (Arc<ObjBacker>, Arc<Mutex<HashMap<String, u
         Host::new(&dev).write(0, &data, false).await.unwrap();
         Host::new(&dev).flush().await.unwrap();
     }
-    cfg.readahead_objects = readahead;
+    cfg.readahead_bytes = readahead as u64 * OBJ;
     let gets = Arc::new(Mutex::new(HashMap::new()));
     let stores = mem
         .iter()

@@ -147,7 +147,7 @@ fn base_cfg(buckets: Vec<String>, options: Vec<(&str, String)>) -> ObjBackerConf
         .map(|(k, v)| (k.to_string(), v))
         .collect();
     cfg.writeback_bytes = 16 * MIB;
-    cfg.readahead_objects = 2;
+    cfg.readahead_bytes = 2 * MIB;
     cfg
 }
 

@@ -203,6 +203,8 @@ pub(crate) struct RawNamespace {
     pub(crate) max_in_flight: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) writeback: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) readahead: Option<String>,
     /// Fault injection around every bucket client (benchmarks, fault tests).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) inject_latency_ms: Option<f64>,
@@ -235,6 +237,7 @@ impl RawNamespace {
             auto_format: None,
             max_in_flight: None,
             writeback: None,
+            readahead: None,
             inject_latency_ms: None,
             inject_error_rate: None,
             inject_timeout_rate: None,
@@ -278,6 +281,8 @@ pub enum BackingSpec {
         auto_format: bool,
         max_in_flight: Option<usize>,
         writeback_bytes: Option<u64>,
+        /// Bytes read ahead of a sequential reader; `Some(0)` turns it off.
+        readahead_bytes: Option<u64>,
         /// Injected per-request latency (µs) and error/timeout rates (ppm):
         /// integers so the spec stays `Eq + Hash`.
         inject: Option<(u64, u32, u32)>,
@@ -712,6 +717,20 @@ impl ServeConfig {
                                 )
                             })?),
                         };
+                        let readahead_bytes = match &n.readahead {
+                            None => None,
+                            Some(r) => Some(
+                                parse_size(r)
+                                    .filter(|&v| v <= strata_objbacker::config::MAX_READAHEAD_BYTES)
+                                    .ok_or_else(|| {
+                                        err(
+                                            &f("readahead"),
+                                            format!("`{r}` is not a size from 0 to 64MiB"),
+                                            "write it like \"16MiB\" (the default), or \"0\" to turn read-ahead off",
+                                        )
+                                    })?,
+                            ),
+                        };
                         let ms = |v: Option<u64>, name: &str| -> Result<Option<u64>, ConfigError> {
                             match v {
                                 Some(x) if !(1..=3_600_000).contains(&x) => Err(err(
@@ -744,6 +763,7 @@ impl ServeConfig {
                             auto_format: n.auto_format.unwrap_or(false),
                             max_in_flight: n.max_in_flight,
                             writeback_bytes,
+                            readahead_bytes,
                             inject: match (
                                 n.inject_latency_ms,
                                 n.inject_error_rate,
@@ -1021,6 +1041,12 @@ mod tests {
         let e = ServeConfig::parse("[[subsystem]]\nnqn='nqn.a:b'\n[[subsystem.namespace]]\nnsid=1\ntype='objbacker'\nsize='1M'\nbuckets=['file:///tmp/x']\nretry_budget_ms=0\n", "u.toml").unwrap_err();
         assert_eq!(e.field, "subsystem[0].namespace[0].retry_budget_ms");
         assert!(e.fix.contains("milliseconds"), "{e}");
+
+        for bad in ["65MiB", "lots"] {
+            let e = ServeConfig::parse(&format!("[[subsystem]]\nnqn='nqn.a:b'\n[[subsystem.namespace]]\nnsid=1\ntype='objbacker'\nsize='1M'\nbuckets=['file:///tmp/x']\nreadahead='{bad}'\n"), "r.toml").unwrap_err();
+            assert_eq!(e.field, "subsystem[0].namespace[0].readahead");
+            assert!(e.fix.contains("16MiB"), "{e}");
+        }
 
         let e =
             ServeConfig::parse("[[subsystem]]\nnqn='nqn.a:b'\nbogus=1\n", "z.toml").unwrap_err();

@@ -116,6 +116,7 @@ fn raw_namespace(n: &NamespaceSpec) -> RawNamespace {
             auto_format,
             max_in_flight,
             writeback_bytes,
+            readahead_bytes,
             inject,
             request_timeout_ms,
             retry_budget_ms,
@@ -128,6 +129,7 @@ fn raw_namespace(n: &NamespaceSpec) -> RawNamespace {
             r.auto_format = Some(*auto_format);
             r.max_in_flight = *max_in_flight;
             r.writeback = writeback_bytes.map(|w| w.to_string());
+            r.readahead = readahead_bytes.map(|w| w.to_string());
             if let Some((lat_us, err_ppm, to_ppm)) = inject {
                 r.inject_latency_ms = Some(*lat_us as f64 / 1000.0);
                 r.inject_error_rate = Some(f64::from(*err_ppm) / 1e6);
@@ -205,6 +207,7 @@ store_options = { endpoint = "http://127.0.0.1:9000", region = "us-east-1" }
 auto_format = true
 max_in_flight = 12
 writeback = "32MiB"
+readahead = "8MiB"
 inject_latency_ms = 1.234
 inject_error_rate = 0.001
 request_timeout_ms = 5000

@@ -78,6 +78,7 @@ pub fn new_namespace(r: &pb::AddNamespaceRequest) -> Result<NewNamespace, Status
                 .collect::<BTreeMap<_, _>>(),
             auto_format: b.auto_format,
             writeback_bytes: nonzero(b.writeback_bytes),
+            readahead_bytes: b.readahead_bytes,
         },
     };
     Ok(NewNamespace {
@@ -105,6 +106,7 @@ pub fn namespace(v: &View, nqn: &str, n: &NamespaceSpec) -> pb::Namespace {
             store_options,
             auto_format,
             writeback_bytes,
+            readahead_bytes,
             ..
         } => Backing::Objbacker(pb::ObjBackerBacking {
             buckets: buckets.clone(),
@@ -124,6 +126,7 @@ pub fn namespace(v: &View, nqn: &str, n: &NamespaceSpec) -> pb::Namespace {
                 .collect(),
             auto_format: *auto_format,
             writeback_bytes: writeback_bytes.unwrap_or(0),
+            readahead_bytes: *readahead_bytes,
         }),
     };
     let configured = match &n.backing {

@@ -139,6 +139,9 @@ enum NsCmd {
         auto_format: bool,
         #[arg(long)]
         writeback: Option<String>,
+        /// objbacker: bytes read ahead of a sequential reader (0: off).
+        #[arg(long)]
+        readahead: Option<String>,
         #[arg(long)]
         block_size: Option<u32>,
         #[arg(long)]
@@ -473,6 +476,7 @@ async fn run_async(a: CtlArgs) -> Result<(), CtlError> {
                 store_options,
                 auto_format,
                 writeback,
+                readahead,
                 block_size,
                 ana_group,
                 uuid,
@@ -503,6 +507,7 @@ async fn run_async(a: CtlArgs) -> Result<(), CtlError> {
                         store_options: opts,
                         auto_format: *auto_format,
                         writeback_bytes: writeback.as_deref().map(size).transpose()?.unwrap_or(0),
+                        readahead_bytes: readahead.as_deref().map(size).transpose()?,
                     })
                 } else {
                     return Err(usage(

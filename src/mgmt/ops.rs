@@ -68,6 +68,8 @@ pub enum NewBacking {
         store_options: BTreeMap<String, String>,
         auto_format: bool,
         writeback_bytes: Option<u64>,
+        /// `Some(0)` turns read-ahead off; `None` keeps the default.
+        readahead_bytes: Option<u64>,
     },
 }
 
@@ -582,6 +584,7 @@ fn raw_namespace(nsid: u32, ns: &NewNamespace) -> RawNamespace {
             store_options,
             auto_format,
             writeback_bytes,
+            readahead_bytes,
         } => {
             r.size = Some(size.to_string());
             r.buckets = Some(buckets.clone());
@@ -589,6 +592,7 @@ fn raw_namespace(nsid: u32, ns: &NewNamespace) -> RawNamespace {
             r.store_options = store_options.clone();
             r.auto_format = Some(*auto_format);
             r.writeback = writeback_bytes.map(|w| w.to_string());
+            r.readahead = readahead_bytes.map(|w| w.to_string());
         }
     }
     r
@@ -679,6 +683,7 @@ size = "1MiB"
                         store_options: BTreeMap::new(),
                         auto_format: true,
                         writeback_bytes: None,
+                        readahead_bytes: None,
                     },
                     block_size: Some(512),
                     ana_group: Some(200),

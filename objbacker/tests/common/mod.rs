@@ -24,7 +24,7 @@ pub fn test_cfg(buckets: Vec<String>, size: u64, obj: u64) -> ObjBackerConfig {
         max_in_flight: 32,
         writeback_bytes: 16 * obj,
         writeback_delay: Duration::from_secs(3600),
-        readahead_objects: 0,
+        readahead_bytes: 0,
         request_timeout: Duration::from_secs(5),
         retry_budget: Duration::from_secs(5),
         retry_initial_backoff: Duration::from_millis(10),
