@@ -329,7 +329,7 @@ struct Stream {
 /// Sequential readers (and whole-object writers) tracked at once.
 const MAX_STREAMS: usize = 16;
 /// Upper bound of all read-ahead data held or in flight.
-const MAX_READAHEAD_CACHE_BYTES: u64 = 256 << 20;
+const MAX_READAHEAD_CACHE_BYTES: u64 = 128 << 20;
 
 /// A read in progress, counted against its stream until dropped.
 pub(crate) struct ReadTicket {

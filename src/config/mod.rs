@@ -726,7 +726,7 @@ impl ServeConfig {
                                         err(
                                             &f("readahead"),
                                             format!("`{r}` is not a size from 0 to 64MiB"),
-                                            "write it like \"16MiB\" (the default), or \"0\" to turn read-ahead off",
+                                            "write it like \"32MiB\" (the default), or \"0\" to turn read-ahead off",
                                         )
                                     })?,
                             ),
@@ -1045,7 +1045,7 @@ mod tests {
         for bad in ["65MiB", "lots"] {
             let e = ServeConfig::parse(&format!("[[subsystem]]\nnqn='nqn.a:b'\n[[subsystem.namespace]]\nnsid=1\ntype='objbacker'\nsize='1M'\nbuckets=['file:///tmp/x']\nreadahead='{bad}'\n"), "r.toml").unwrap_err();
             assert_eq!(e.field, "subsystem[0].namespace[0].readahead");
-            assert!(e.fix.contains("16MiB"), "{e}");
+            assert!(e.fix.contains("32MiB"), "{e}");
         }
 
         let e =
