@@ -329,6 +329,11 @@ impl QueuePair {
             self.on_bdev_completion(comp);
         }
         self.completions = done;
+        // Completions give back R2T budget. Writes waiting for it must get
+        // their R2T now: when every command the host has queued is either
+        // in the device or waiting here, the host sends nothing more, and
+        // the receive path (the other place that pumps) never runs again.
+        self.pump_r2t();
         self.channels
             .retain(|c| !c.retired || c.chan.in_flight() > 0);
         if let Role2::Admin { ctrlr } = &self.role {

@@ -46,27 +46,7 @@ fn r2t_budget_bounds_solicited_writes_and_serves_them_in_order() {
     let mut done = 0;
     while let Some(r2t) = r2ts.first().copied() {
         r2ts.remove(0);
-        let mut out = Vec::new();
-        let n = r2t.r2tl as usize;
-        let mut off = 0;
-        while off < n {
-            let k = (n - off).min(ctrlr::MAXH2CDATA as usize);
-            pdu::encode_h2c_data(
-                &pdu::H2CData {
-                    cccid: r2t.cccid,
-                    ttag: r2t.ttag,
-                    datao: off as u32,
-                    datal: k as u32,
-                    last: off + k == n,
-                },
-                false,
-                false,
-                &mut out,
-            );
-            out.resize(out.len() + k, 0x5a);
-            off += k;
-        }
-        let r = io.send(&out);
+        let r = io.send(&h2c_for(&r2t));
         done += responses(&r).len();
         r2ts.extend(
             r.into_iter()
@@ -74,6 +54,83 @@ fn r2t_budget_bounds_solicited_writes_and_serves_them_in_order() {
         );
     }
     assert_eq!(done, 6);
+    io.qp.check_completions().unwrap();
+}
+
+/// All the data one R2T asks for, in MAXH2CDATA pieces.
+fn h2c_for(r2t: &pdu::R2T) -> Vec<u8> {
+    let mut out = Vec::new();
+    let n = r2t.r2tl as usize;
+    let mut off = 0;
+    while off < n {
+        let k = (n - off).min(ctrlr::MAXH2CDATA as usize);
+        pdu::encode_h2c_data(
+            &pdu::H2CData {
+                cccid: r2t.cccid,
+                ttag: r2t.ttag,
+                datao: off as u32,
+                datal: k as u32,
+                last: off + k == n,
+            },
+            false,
+            false,
+            &mut out,
+        );
+        out.resize(out.len() + k, 0x5a);
+        off += k;
+    }
+    out
+}
+
+/// A write waiting for budget gets its R2T when a completion frees it,
+/// without any further input from the host. Before, only the receive path
+/// issued R2Ts: with every host command either in the device or waiting
+/// for an R2T, the host had nothing left to send, and a QD64 stream of
+/// 1 MiB writes to an objbacker namespace (completions minutes apart from
+/// the data) stopped for good.
+#[test]
+fn a_completion_alone_releases_the_next_r2t() {
+    let t = target_with(AnaState::Optimized);
+    let limits = QueueLimits {
+        max_r2t_bytes: 1 << 20,
+        ..QueueLimits::default()
+    };
+    let (_admin, mut io) = bring_up_with(&t, false, limits);
+    let r = io.capsule(io_cmd(io_opc::WRITE, 0, 2048, true), &[]);
+    let [Rsp::R2T(first)] = &r[..] else {
+        panic!("{r:?}")
+    };
+    let first = *first;
+    let r = io.capsule(io_cmd(io_opc::WRITE, 2048, 2048, true), &[]);
+    assert!(r.is_empty(), "budget held by the first write: {r:?}");
+    // The first write's data: the device completes it (RAM: at submit),
+    // and the completion, polled after the input, must bring the R2T.
+    let mut out = h2c_for(&first);
+    let mut pending = &out[..];
+    while !pending.is_empty() {
+        let used = io.qp.handle_input(pending, io.now);
+        pending = &pending[used..];
+    }
+    out.clear();
+    let mut cx = Context::from_waker(Waker::noop());
+    while io.qp.poll_completions(&mut cx) {}
+    io.qp.drain_tx(&mut out);
+    let r = io.decode(&out);
+    assert!(
+        r.iter()
+            .any(|x| matches!(x, Rsp::Cpl(c) if c.cid == first.cccid)),
+        "{r:?}"
+    );
+    let [Rsp::R2T(second)] = &r
+        .iter()
+        .filter(|x| matches!(x, Rsp::R2T(_)))
+        .collect::<Vec<_>>()[..]
+    else {
+        panic!("the second write's R2T must follow the first's completion: {r:?}")
+    };
+    let second = *second;
+    let done = responses(&io.send(&h2c_for(&second)));
+    assert_eq!(done.len(), 1, "the second write completes");
     io.qp.check_completions().unwrap();
 }
 
