@@ -17,8 +17,11 @@
 //! | [`sim`] | the deterministic simulator and its checkers |
 
 pub mod disk;
+pub mod lease;
 pub mod log_store;
 mod logger;
+pub mod node;
+pub mod policy;
 pub mod state;
 
 pub use logger::raft_logger;

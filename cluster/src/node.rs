@@ -1,0 +1,823 @@
+//! One cluster member, sans-IO: raft-rs's `RawNode` driven in its Ready
+//! loop over a [`DiskLog`], the replicated [`ClusterState`], the leader's
+//! failover [`policy`], and the write [`lease`]s.
+//!
+//! Inputs: [`Node::tick`] (time), [`Node::step`] (bytes from a peer),
+//! [`Node::propose`] (a command), [`Node::on_persisted`] (a persist is
+//! durable). After any input, drain [`Node::ready`] until it returns
+//! `None`, and for each [`Ready`]:
+//! 1. send `messages` now;
+//! 2. make the persist durable by calling `on_persisted(persist.number)`,
+//!    in order (now, or later on a slow disk);
+//! 3. only then send `after_persist` (votes and appends acknowledgements:
+//!    raft-rs's persisted messages, which promise what the disk holds);
+//! 4. `applied` lists the committed commands the state machine has just
+//!    applied, with their results, for whoever waits on them.
+//!
+//! Before returning a `Ready`, the node has already handed its entries and
+//! snapshot to the log store (raft-rs requires them readable from the
+//! `Storage` before `advance_append_async`); they are only made durable by
+//! `on_persisted`, so a crash before it loses them, as the simulator's disk
+//! checks.
+//!
+//! **Determinism:** raft-rs draws election timeouts from `thread_rng`. The
+//! node overwrites the draw from its own seeded generator after every
+//! input that may have reset it, before any tick can compare against it.
+
+use std::collections::VecDeque;
+
+use prost::Message as _;
+use raft::eraftpb::{Entry, EntryType, HardState, Message, SnapshotMetadata};
+use raft::{RawNode, StateRole, Storage};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::disk::Dir;
+use crate::lease::{self, LeaseConfig, LeaseGrant, LeaseRequest, Leases};
+use crate::log_store::{DiskLog, LogError};
+use crate::policy::{self, Liveness, PolicyConfig};
+use crate::state::{Applied, ClusterState, Command, CommandError, GroupId, NodeId};
+
+/// Lease messages waiting for the next `ready`; beyond this they are
+/// dropped (they are renewed anyway).
+const MAX_OUTBOX: usize = 1024;
+/// Largest message accepted from the network.
+pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub id: NodeId,
+    /// Ticks without a leader before a follower campaigns (randomized in
+    /// `[election_tick, 2 · election_tick)`).
+    pub election_tick: usize,
+    pub heartbeat_tick: usize,
+    pub policy: PolicyConfig,
+    /// How often the leader re-evaluates the policy.
+    pub policy_interval_ticks: u64,
+    pub lease: LeaseConfig,
+    /// Take a snapshot and compact once this many entries were applied
+    /// since the last one.
+    pub snapshot_every: u64,
+    /// Seeds the election-timeout randomness (the simulator derives it
+    /// from its seed; production from the OS).
+    pub seed: u64,
+}
+
+impl NodeConfig {
+    /// At 100 ms ticks: election after 1–2 s, heartbeats every 200 ms.
+    pub fn new(id: NodeId, seed: u64) -> NodeConfig {
+        NodeConfig {
+            id,
+            election_tick: 10,
+            heartbeat_tick: 2,
+            policy: PolicyConfig::default(),
+            policy_interval_ticks: 2,
+            lease: LeaseConfig::default(),
+            snapshot_every: 1000,
+            seed,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("message: {0}")]
+    Malformed(String),
+    #[error("message: addressed to node {to}, this is node {me}")]
+    Misaddressed { to: NodeId, me: NodeId },
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+    #[error("log: {0}")]
+    Log(#[from] LogError),
+    #[error("state: {0}")]
+    State(#[from] CommandError),
+    #[error("persist {got} completed out of order (next is {expected:?})")]
+    PersistOrder { got: u64, expected: Option<u64> },
+}
+
+/// A message for the transport, already encoded.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Outgoing {
+    pub to: NodeId,
+    pub bytes: Vec<u8>,
+}
+
+/// What one Ready asks to make durable.
+#[derive(Clone, Debug, Default)]
+pub struct Persist {
+    pub number: u64,
+    pub entries: Vec<Entry>,
+    pub hard_state: Option<HardState>,
+    pub snapshot: Option<SnapshotMetadata>,
+    pub must_sync: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct AppliedEntry {
+    pub index: u64,
+    pub term: u64,
+    /// The entry's payload, for checkers comparing logs across nodes.
+    pub data: Vec<u8>,
+    pub result: Result<Applied, CommandError>,
+}
+
+#[derive(Debug, Default)]
+pub struct Ready {
+    /// `None` when this Ready only carries lease messages.
+    pub persist: Option<Persist>,
+    pub messages: Vec<Outgoing>,
+    pub after_persist: Vec<Outgoing>,
+    pub applied: Vec<AppliedEntry>,
+    /// The state machine was replaced by a snapshot at this index.
+    pub restored: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+enum LeaseBody {
+    Request(LeaseRequest),
+    Grant(LeaseGrant),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct LeaseMsg {
+    from: NodeId,
+    to: NodeId,
+    body: LeaseBody,
+}
+
+const TAG_RAFT: u8 = 1;
+const TAG_LEASE: u8 = 2;
+
+/// One message on the wire between members.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Wire {
+    Raft(Box<Message>),
+    Lease {
+        from: NodeId,
+        to: NodeId,
+        body: LeaseWire,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeaseWire {
+    Request(LeaseRequest),
+    Grant(LeaseGrant),
+}
+
+impl Wire {
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Wire::Raft(m) => {
+                let mut out = vec![TAG_RAFT];
+                out.extend_from_slice(&m.encode_to_vec());
+                out
+            }
+            Wire::Lease { from, to, body } => {
+                let msg = LeaseMsg {
+                    from: *from,
+                    to: *to,
+                    body: match body {
+                        LeaseWire::Request(r) => LeaseBody::Request(*r),
+                        LeaseWire::Grant(g) => LeaseBody::Grant(*g),
+                    },
+                };
+                let mut out = vec![TAG_LEASE];
+                out.extend_from_slice(&serde_json::to_vec(&msg).expect("lease message serializes"));
+                out
+            }
+        }
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Wire, NodeError> {
+        if bytes.len() > MAX_MESSAGE_BYTES {
+            return Err(NodeError::Malformed(format!("{} bytes", bytes.len())));
+        }
+        match bytes.split_first() {
+            Some((&TAG_RAFT, rest)) => Message::decode(rest)
+                .map(|m| Wire::Raft(Box::new(m)))
+                .map_err(|e| NodeError::Malformed(e.to_string())),
+            Some((&TAG_LEASE, rest)) => {
+                let m: LeaseMsg = serde_json::from_slice(rest)
+                    .map_err(|e| NodeError::Malformed(e.to_string()))?;
+                Ok(Wire::Lease {
+                    from: m.from,
+                    to: m.to,
+                    body: match m.body {
+                        LeaseBody::Request(r) => LeaseWire::Request(r),
+                        LeaseBody::Grant(g) => LeaseWire::Grant(g),
+                    },
+                })
+            }
+            Some((tag, _)) => Err(NodeError::Malformed(format!("unknown tag {tag}"))),
+            None => Err(NodeError::Malformed("empty".into())),
+        }
+    }
+}
+
+pub struct Node<D: Dir> {
+    cfg: NodeConfig,
+    raw: RawNode<DiskLog<D>>,
+    state: ClusterState,
+    /// Index of the last entry applied to `state` (or of the snapshot it
+    /// was restored from).
+    applied: u64,
+    now: u64,
+    rng: ChaCha8Rng,
+    liveness: Liveness,
+    leases: Leases,
+    outbox: Vec<Outgoing>,
+    /// Persist numbers handed out and not yet durable, in order.
+    unpersisted: VecDeque<(u64, Option<HardState>)>,
+    next_policy_at: u64,
+    was_leader: bool,
+}
+
+impl<D: Dir> Node<D> {
+    /// A member of a new cluster. Every member must bootstrap with the
+    /// same `voters` and `genesis`.
+    pub fn bootstrap(
+        dir: D,
+        cfg: NodeConfig,
+        voters: &[NodeId],
+        genesis: &ClusterState,
+    ) -> Result<Node<D>, NodeError> {
+        let store = DiskLog::bootstrap(dir, voters, genesis.encode())?;
+        Node::with_store(store, cfg)
+    }
+
+    /// A member restarting from what its disk holds.
+    pub fn restart(dir: D, cfg: NodeConfig) -> Result<Node<D>, NodeError> {
+        let store = DiskLog::open(dir)?;
+        Node::with_store(store, cfg)
+    }
+
+    fn with_store(store: DiskLog<D>, cfg: NodeConfig) -> Result<Node<D>, NodeError> {
+        let snap = store.latest_snapshot();
+        let state = ClusterState::decode(&snap.data)?;
+        let applied = snap.get_metadata().index;
+        let raft_cfg = raft::Config {
+            id: cfg.id,
+            election_tick: cfg.election_tick,
+            heartbeat_tick: cfg.heartbeat_tick,
+            min_election_tick: cfg.election_tick,
+            max_election_tick: 2 * cfg.election_tick,
+            applied,
+            check_quorum: true,
+            pre_vote: true,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            ..Default::default()
+        };
+        raft_cfg.validate()?;
+        let raw = RawNode::new(&raft_cfg, store, &crate::raft_logger())?;
+        let mut node = Node {
+            liveness: Liveness::new(cfg.policy.down_after_ticks),
+            leases: Leases::new(cfg.lease, cfg.id),
+            rng: ChaCha8Rng::seed_from_u64(cfg.seed),
+            cfg,
+            raw,
+            state,
+            applied,
+            now: 0,
+            outbox: Vec::new(),
+            unpersisted: VecDeque::new(),
+            next_policy_at: 0,
+            was_leader: false,
+        };
+        node.reseed_election_timeout();
+        node.leases.on_state(&node.state);
+        Ok(node)
+    }
+
+    fn reseed_election_timeout(&mut self) {
+        // Every raft-rs reset (any role change, and a follower hearing its
+        // leader) zeroes `election_elapsed`, and nothing reads the timeout
+        // before the next tick, so raft-rs's own draw is never used.
+        if self.raw.raft.election_elapsed == 0 {
+            let e = self.cfg.election_tick;
+            let t = self.rng.gen_range(e..2 * e);
+            self.raw.raft.set_randomized_election_timeout(t);
+        }
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.cfg.id
+    }
+
+    pub fn state(&self) -> &ClusterState {
+        &self.state
+    }
+
+    pub fn applied_index(&self) -> u64 {
+        self.applied
+    }
+
+    pub fn commit_index(&self) -> u64 {
+        self.raw.raft.raft_log.committed
+    }
+
+    pub fn term(&self) -> u64 {
+        self.raw.raft.term
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    /// The leader this node believes in, if any.
+    pub fn leader(&self) -> Option<NodeId> {
+        let l = self.raw.raft.leader_id;
+        (l != 0).then_some(l)
+    }
+
+    pub fn now(&self) -> u64 {
+        self.now
+    }
+
+    pub fn voters(&self) -> Vec<NodeId> {
+        self.raw.store().conf_state().voters.clone()
+    }
+
+    pub fn store(&self) -> &DiskLog<D> {
+        self.raw.store()
+    }
+
+    /// Whether this node may complete a write for `group` now (it owns the
+    /// group in its applied state and holds a valid lease for that epoch).
+    pub fn can_write(&self, group: GroupId) -> bool {
+        self.leases.can_write(group, self.now)
+    }
+
+    /// The epoch of the lease this node holds or seeks for `group`.
+    pub fn lease_epoch(&self, group: GroupId) -> Option<u64> {
+        self.leases.epoch(group)
+    }
+
+    /// A voter grants leases only once it has applied everything in its
+    /// log (see `lease`).
+    fn caught_up(&self) -> bool {
+        self.applied >= self.raw.raft.raft_log.last_index()
+    }
+
+    pub fn tick(&mut self) {
+        self.now += 1;
+        self.raw.tick();
+        self.reseed_election_timeout();
+        if self.is_leader() {
+            self.liveness.heard(self.cfg.id, self.now);
+            self.run_policy();
+        }
+        let voters = self.voters();
+        for req in self.leases.due_requests(self.now) {
+            for &v in &voters {
+                if v == self.cfg.id {
+                    let g = LeaseGrant {
+                        group: req.group,
+                        epoch: req.epoch,
+                        seq: req.seq,
+                        granted: lease::grants(&self.state, self.caught_up(), v, &req),
+                    };
+                    self.leases.on_grant(v, &g, &voters, self.now);
+                } else {
+                    self.send_lease(v, LeaseWire::Request(req));
+                }
+            }
+        }
+    }
+
+    /// The leader proposes what the policy decides, once its state holds
+    /// everything committed (an entry of its own term is committed and
+    /// applied), so it never decides from an older leader's view.
+    fn run_policy(&mut self) {
+        if self.now < self.next_policy_at {
+            return;
+        }
+        let log = &self.raw.raft.raft_log;
+        let fresh = log.term(log.committed).ok() == Some(self.raw.raft.term)
+            && self.applied >= log.committed;
+        if !fresh {
+            return;
+        }
+        self.next_policy_at = self.now + self.cfg.policy_interval_ticks;
+        for cmd in policy::decide(&self.state, &self.liveness, self.now, &self.cfg.policy) {
+            // Dropped proposals (leadership lost meanwhile) are retried by
+            // the next leader's own decision.
+            let _ = self.raw.propose(vec![], cmd.encode());
+        }
+    }
+
+    fn send_lease(&mut self, to: NodeId, body: LeaseWire) {
+        if self.outbox.len() < MAX_OUTBOX {
+            let bytes = Wire::Lease {
+                from: self.cfg.id,
+                to,
+                body,
+            }
+            .encode();
+            self.outbox.push(Outgoing { to, bytes });
+        }
+    }
+
+    pub fn propose(&mut self, cmd: &Command) -> Result<(), NodeError> {
+        self.raw.propose(vec![], cmd.encode())?;
+        Ok(())
+    }
+
+    /// A message from a peer. Anything malformed or misaddressed is an
+    /// error and changes nothing.
+    pub fn step(&mut self, bytes: &[u8]) -> Result<(), NodeError> {
+        let me = self.cfg.id;
+        match Wire::decode(bytes)? {
+            Wire::Raft(m) => {
+                if m.to != me {
+                    return Err(NodeError::Misaddressed { to: m.to, me });
+                }
+                if raft::raw_node::is_local_msg(m.get_msg_type()) {
+                    return Err(NodeError::Malformed("a local message type".into()));
+                }
+                if self.is_leader() {
+                    self.liveness.heard(m.from, self.now);
+                }
+                self.raw.step(*m)?;
+                self.reseed_election_timeout();
+            }
+            Wire::Lease { from, to, body } => {
+                if to != me {
+                    return Err(NodeError::Misaddressed { to, me });
+                }
+                match body {
+                    LeaseWire::Request(req) => {
+                        let granted = lease::grants(&self.state, self.caught_up(), from, &req);
+                        self.send_lease(
+                            from,
+                            LeaseWire::Grant(LeaseGrant {
+                                group: req.group,
+                                epoch: req.epoch,
+                                seq: req.seq,
+                                granted,
+                            }),
+                        );
+                    }
+                    LeaseWire::Grant(g) => {
+                        let voters = self.voters();
+                        self.leases.on_grant(from, &g, &voters, self.now);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn has_ready(&self) -> bool {
+        self.raw.has_ready() || !self.outbox.is_empty()
+    }
+
+    pub fn ready(&mut self) -> Result<Option<Ready>, NodeError> {
+        if !self.raw.has_ready() {
+            if self.outbox.is_empty() {
+                return Ok(None);
+            }
+            return Ok(Some(Ready {
+                messages: std::mem::take(&mut self.outbox),
+                ..Default::default()
+            }));
+        }
+        let mut rd = self.raw.ready();
+        let number = rd.number();
+        let encode = |ms: Vec<Message>| -> Vec<Outgoing> {
+            ms.into_iter()
+                .map(|m| Outgoing {
+                    to: m.to,
+                    bytes: Wire::Raft(Box::new(m)).encode(),
+                })
+                .collect()
+        };
+        let mut messages = encode(rd.take_messages());
+        messages.append(&mut self.outbox);
+        let after_persist = encode(rd.take_persisted_messages());
+
+        let mut restored = None;
+        let snapshot = if rd.snapshot().is_empty() {
+            None
+        } else {
+            let snap = rd.snapshot().clone();
+            self.raw.mut_store().apply_snapshot(&snap)?;
+            self.state = ClusterState::decode(&snap.data)?;
+            self.applied = snap.get_metadata().index;
+            restored = Some(self.applied);
+            Some(snap.get_metadata().clone())
+        };
+        let entries = rd.take_entries();
+        self.raw.mut_store().append(&entries)?;
+        let hard_state = rd.hs().cloned();
+        let must_sync = rd.must_sync();
+
+        let mut applied = Vec::new();
+        for e in rd.take_committed_entries() {
+            if e.index <= self.applied {
+                continue;
+            }
+            self.applied = e.index;
+            if e.data.is_empty() {
+                // A new leader's empty entry.
+                continue;
+            }
+            let result = if e.get_entry_type() == EntryType::EntryNormal {
+                self.state.apply_entry(&e.data)
+            } else {
+                // Membership goes through the state machine, never through
+                // raft-rs conf changes, so these cannot be ours.
+                Err(CommandError::Malformed("a conf change entry".into()))
+            };
+            applied.push(AppliedEntry {
+                index: e.index,
+                term: e.term,
+                data: e.data,
+                result,
+            });
+        }
+        self.raw.advance_append_async(rd);
+        self.advance_raft_applied();
+        self.leases.on_state(&self.state);
+        self.unpersisted.push_back((number, hard_state.clone()));
+
+        let leader = self.is_leader();
+        if leader && !self.was_leader {
+            let ids: Vec<NodeId> = self.state.nodes.keys().copied().collect();
+            self.liveness.reset(self.now, ids);
+            self.next_policy_at = self.now;
+        }
+        self.was_leader = leader;
+
+        Ok(Some(Ready {
+            persist: Some(Persist {
+                number,
+                entries,
+                hard_state,
+                snapshot,
+                must_sync,
+            }),
+            messages,
+            after_persist,
+            applied,
+            restored,
+        }))
+    }
+
+    fn advance_raft_applied(&mut self) {
+        let log = &self.raw.raft.raft_log;
+        let to = self.applied.min(log.committed).min(log.persisted);
+        if to > log.applied {
+            self.raw.advance_apply_to(to);
+        }
+    }
+
+    /// The persist of Ready `number` is to be made durable now: syncs the
+    /// log, then writes the hard state that may commit it. Persists must
+    /// complete in the order their Readies were returned.
+    pub fn on_persisted(&mut self, number: u64) -> Result<(), NodeError> {
+        let expected = self.unpersisted.front().map(|(n, _)| *n);
+        if expected != Some(number) {
+            return Err(NodeError::PersistOrder {
+                got: number,
+                expected,
+            });
+        }
+        let (_, hs) = self.unpersisted.pop_front().expect("checked");
+        let store = self.raw.mut_store();
+        store.sync()?;
+        if let Some(hs) = hs {
+            store.set_hard_state(&hs)?;
+        }
+        self.raw.on_persist_ready(number);
+        self.advance_raft_applied();
+        self.maybe_compact()?;
+        Ok(())
+    }
+
+    fn maybe_compact(&mut self) -> Result<(), NodeError> {
+        let store = self.raw.store();
+        let snap_index = store.latest_snapshot().get_metadata().index;
+        if self.applied < snap_index + self.cfg.snapshot_every
+            || self.applied > store.hard_state().commit
+            || self.applied > store.last_index()?
+        {
+            return Ok(());
+        }
+        let data = self.state.encode();
+        let applied = self.applied;
+        self.raw.mut_store().compact(applied, data)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::MemDir;
+    use crate::state::Role;
+
+    fn genesis() -> ClusterState {
+        let mut s = ClusterState::default();
+        for id in 1..=3 {
+            s.apply(&Command::AddNode {
+                id,
+                name: format!("n{id}"),
+                raft_addr: format!("n{id}:7000"),
+                listeners: vec![format!("n{id}:4420")],
+                role: Role::Storage,
+            })
+            .unwrap();
+            s.apply(&Command::AddGroup {
+                id: id as GroupId,
+                preferred_owner: Some(id),
+            })
+            .unwrap();
+        }
+        s
+    }
+
+    /// Three nodes on a perfect network with instant disks.
+    fn drive(nodes: &mut [Node<MemDir>], ticks: u64) {
+        for _ in 0..ticks {
+            for n in nodes.iter_mut() {
+                n.tick();
+            }
+            for _round in 0..50 {
+                let mut inflight = Vec::new();
+                for n in nodes.iter_mut() {
+                    while let Some(rd) = n.ready().unwrap() {
+                        inflight.extend(rd.messages);
+                        if let Some(p) = &rd.persist {
+                            n.on_persisted(p.number).unwrap();
+                        }
+                        inflight.extend(rd.after_persist);
+                    }
+                }
+                if inflight.is_empty() {
+                    break;
+                }
+                for m in inflight {
+                    let to = nodes.iter_mut().find(|n| n.id() == m.to).unwrap();
+                    let _ = to.step(&m.bytes);
+                }
+            }
+        }
+    }
+
+    fn three(dirs: &[MemDir]) -> Vec<Node<MemDir>> {
+        (1..=3)
+            .map(|id| {
+                Node::bootstrap(
+                    dirs[id as usize - 1].clone(),
+                    NodeConfig::new(id, id),
+                    &[1, 2, 3],
+                    &genesis(),
+                )
+                .unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn three_nodes_elect_a_leader_assign_owners_and_grant_leases() {
+        let dirs: Vec<MemDir> = (0..3).map(|_| MemDir::new()).collect();
+        let mut nodes = three(&dirs);
+        drive(&mut nodes, 80);
+        let leaders: Vec<_> = nodes
+            .iter()
+            .filter(|n| n.is_leader())
+            .map(|n| n.id())
+            .collect();
+        assert_eq!(leaders.len(), 1, "{leaders:?}");
+        for n in &nodes {
+            for g in 1..=3 {
+                assert_eq!(
+                    n.state().groups[&g].owner,
+                    Some(g as NodeId),
+                    "node {}",
+                    n.id()
+                );
+                assert_eq!(n.state().groups[&g].epoch, 1);
+            }
+        }
+        for g in 1..=3u32 {
+            let writers: Vec<_> = nodes
+                .iter()
+                .filter(|n| n.can_write(g))
+                .map(|n| n.id())
+                .collect();
+            assert_eq!(writers, vec![g as NodeId], "group {g}");
+        }
+    }
+
+    #[test]
+    fn proposals_commit_everywhere_and_survive_a_restart() {
+        let dirs: Vec<MemDir> = (0..3).map(|_| MemDir::new()).collect();
+        let mut nodes = three(&dirs);
+        drive(&mut nodes, 60);
+        let leader = nodes.iter().position(|n| n.is_leader()).unwrap();
+        nodes[leader]
+            .propose(&Command::PutDocument {
+                expected_version: 0,
+                text: "[target]".into(),
+            })
+            .unwrap();
+        drive(&mut nodes, 5);
+        for n in &nodes {
+            assert_eq!(n.state().document.version, 1);
+        }
+        let before = nodes[0].state().clone();
+        let applied = nodes[0].applied_index();
+        drop(nodes);
+        let mut nodes: Vec<Node<MemDir>> = (1..=3)
+            .map(|id| {
+                Node::restart(dirs[id as usize - 1].clone(), NodeConfig::new(id, 10 + id)).unwrap()
+            })
+            .collect();
+        drive(&mut nodes, 60);
+        assert!(nodes[0].applied_index() >= applied);
+        assert_eq!(nodes[0].state().document, before.document);
+        assert_eq!(nodes.iter().filter(|n| n.is_leader()).count(), 1);
+    }
+
+    #[test]
+    fn malformed_and_misaddressed_messages_are_errors() {
+        let dirs: Vec<MemDir> = (0..3).map(|_| MemDir::new()).collect();
+        let mut nodes = three(&dirs);
+        let n = &mut nodes[0];
+        assert!(matches!(n.step(&[]), Err(NodeError::Malformed(_))));
+        assert!(matches!(n.step(&[9, 1, 2]), Err(NodeError::Malformed(_))));
+        assert!(matches!(
+            n.step(&[TAG_RAFT, 0xff, 0xff, 0xff]),
+            Err(NodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            n.step(&[TAG_LEASE, b'{']),
+            Err(NodeError::Malformed(_))
+        ));
+        let m = Message {
+            to: 2,
+            from: 3,
+            ..Default::default()
+        };
+        assert!(matches!(
+            n.step(&Wire::Raft(Box::new(m)).encode()),
+            Err(NodeError::Misaddressed { to: 2, me: 1 })
+        ));
+        let hup = Message {
+            to: 1,
+            from: 3,
+            msg_type: raft::eraftpb::MessageType::MsgHup as i32,
+            ..Default::default()
+        };
+        assert!(n.step(&Wire::Raft(Box::new(hup)).encode()).is_err());
+        assert!(
+            !n.is_leader(),
+            "a network MsgHup must not start an election"
+        );
+        assert!(matches!(
+            n.on_persisted(42),
+            Err(NodeError::PersistOrder { got: 42, .. })
+        ));
+    }
+
+    #[test]
+    fn compaction_keeps_the_state_across_restart() {
+        let dirs: Vec<MemDir> = (0..3).map(|_| MemDir::new()).collect();
+        let mut nodes: Vec<Node<MemDir>> = (1..=3)
+            .map(|id| {
+                let mut cfg = NodeConfig::new(id, id);
+                cfg.snapshot_every = 5;
+                Node::bootstrap(dirs[id as usize - 1].clone(), cfg, &[1, 2, 3], &genesis()).unwrap()
+            })
+            .collect();
+        drive(&mut nodes, 60);
+        for v in 0..12 {
+            let leader = nodes.iter().position(|n| n.is_leader()).unwrap();
+            nodes[leader]
+                .propose(&Command::PutDocument {
+                    expected_version: v,
+                    text: format!("v{v}"),
+                })
+                .unwrap();
+            drive(&mut nodes, 2);
+        }
+        for n in &nodes {
+            assert_eq!(n.state().document.version, 12);
+            assert!(
+                n.store().latest_snapshot().get_metadata().index > 0,
+                "node {} compacted",
+                n.id()
+            );
+        }
+        drop(nodes);
+        let n = Node::restart(dirs[0].clone(), NodeConfig::new(1, 1)).unwrap();
+        assert!(
+            n.state().document.version >= 1,
+            "restored from the snapshot, not genesis"
+        );
+    }
+}
