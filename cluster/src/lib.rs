@@ -22,6 +22,7 @@ pub mod log_store;
 mod logger;
 pub mod node;
 pub mod policy;
+pub mod sim;
 pub mod state;
 
 pub use logger::raft_logger;

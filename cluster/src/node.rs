@@ -389,14 +389,16 @@ impl<D: Dir> Node<D> {
 
     /// The leader proposes what the policy decides, once its state holds
     /// everything committed (an entry of its own term is committed and
-    /// applied), so it never decides from an older leader's view.
+    /// applied), so it never decides from an older leader's view, and
+    /// once its previous decisions are applied (nothing of its own is in
+    /// flight), so it never proposes the same move twice.
     fn run_policy(&mut self) {
         if self.now < self.next_policy_at {
             return;
         }
         let log = &self.raw.raft.raft_log;
         let fresh = log.term(log.committed).ok() == Some(self.raw.raft.term)
-            && self.applied >= log.committed;
+            && self.applied >= log.last_index();
         if !fresh {
             return;
         }
