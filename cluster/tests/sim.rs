@@ -81,12 +81,8 @@ fn a_witness_keeps_two_storage_nodes_available_when_one_dies() {
     // No random faults; node 1 (a storage node owning group 1) crashes and
     // stays down: the survivor and the witness keep a quorum and the
     // survivor takes group 1 over.
-    let mut opts = SimOptions::for_seed(11);
+    let opts = quiet(11);
     assert_eq!((opts.storage_nodes, opts.witnesses), (2, 1));
-    opts.drop_ppm = 0;
-    opts.duplicate_ppm = 0;
-    opts.partition_ppm = 0;
-    opts.crash_ppm = 0;
     let mut sim = Sim::new(opts);
     let r = sim.run_until_tick(100).unwrap();
     assert!(
@@ -103,4 +99,71 @@ fn a_witness_keeps_two_storage_nodes_available_when_one_dies() {
         sim.can_write(2, 1),
         "the survivor writes for the moved group"
     );
+}
+
+fn quiet(seed: u64) -> SimOptions {
+    let mut opts = SimOptions::for_seed(seed);
+    opts.drop_ppm = 0;
+    opts.duplicate_ppm = 0;
+    opts.partition_ppm = 0;
+    opts.crash_ppm = 0;
+    opts.heal_ppm = 0;
+    // No scheduled heal inside the test's horizon.
+    opts.fault_ticks = 10_000;
+    opts
+}
+
+#[test]
+fn a_partitioned_owner_stops_writing_before_the_new_owner_starts() {
+    let mut sim = Sim::new(quiet(20));
+    sim.run_until_tick(100).unwrap();
+    assert!(sim.can_write(1, 1));
+    sim.partition(&[1]);
+    // The checker fails the run at the first instant two nodes may write
+    // for group 1; every step of the takeover is checked.
+    sim.run_until_tick(200).unwrap();
+    assert!(
+        !sim.can_write(1, 1),
+        "cut off from the quorum, its lease ran out"
+    );
+    let s = sim.node_state(2).unwrap();
+    let owner = s.groups[&1].owner.unwrap();
+    assert_ne!(owner, 1);
+    assert!(sim.can_write(owner, 1));
+    // Healed, node 1 comes back non-optimized and, after the healthy time,
+    // gets its preferred group back at a new epoch.
+    let epoch = s.groups[&1].epoch;
+    sim.heal();
+    sim.run_until_tick(230).unwrap();
+    let s = sim.node_state(1).unwrap();
+    assert!(s.nodes[&1].up);
+    assert_eq!(
+        s.ana_state(1, 1),
+        Some(strata_cluster::state::AnaState::NonOptimized)
+    );
+    sim.run_until_tick(400).unwrap();
+    let s = sim.node_state(1).unwrap();
+    assert_eq!(s.groups[&1].owner, Some(1), "automatic failback");
+    assert!(s.groups[&1].epoch > epoch);
+    assert!(sim.can_write(1, 1));
+    assert!(!sim.can_write(owner, 1));
+}
+
+#[test]
+fn a_crashed_node_restarts_from_its_disk_and_catches_up() {
+    let mut sim = Sim::new(quiet(22));
+    sim.run_until_tick(100).unwrap();
+    sim.crash_node(3);
+    sim.run_until_tick(150).unwrap();
+    assert_eq!(
+        sim.node_state(1).unwrap().groups[&3].owner.map(|o| o != 3),
+        Some(true)
+    );
+    sim.restart_node(3).unwrap();
+    let r = sim.run_until_tick(400).unwrap();
+    let s1 = sim.node_state(1).unwrap();
+    let s3 = sim.node_state(3).unwrap();
+    assert_eq!(s1, s3, "the restarted node holds the same committed state");
+    assert_eq!(s3.groups[&3].owner, Some(3), "and got its group back");
+    assert!(r.crashes == 1);
 }

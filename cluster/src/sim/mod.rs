@@ -604,6 +604,28 @@ impl Sim {
         Ok(r)
     }
 
+    /// Cuts `side` off from the other nodes until [`Sim::heal`] (or the
+    /// scheduled heal).
+    pub fn partition(&mut self, side: &[NodeId]) {
+        self.sides = self
+            .slots
+            .iter()
+            .map(|s| (s.id, side.contains(&s.id)))
+            .collect();
+        self.report.partitions += 1;
+        self.trace(&[10]);
+    }
+
+    pub fn heal(&mut self) {
+        self.sides.clear();
+        self.trace(&[8]);
+    }
+
+    /// Restarts a crashed node from its disk now.
+    pub fn restart_node(&mut self, id: NodeId) -> Result<(), String> {
+        self.restart(id)
+    }
+
     /// Crashes a node now; it stays down until the heal.
     pub fn crash_node(&mut self, id: NodeId) {
         self.crash(id);
