@@ -27,7 +27,8 @@
 //!
 //! **Assumed bound:** clock rates (not offsets: only intervals on one clock
 //! are compared) within ρ = 1% of real time, so with a 2 s lease a new owner
-//! waits 2.041 s. Offsets between clocks do not matter.
+//! waits 2.041 s (21 ticks of 100 ms, rounded up). Offsets between clocks do
+//! not matter.
 
 use std::collections::{BTreeMap, BTreeSet};
 
