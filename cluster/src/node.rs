@@ -24,7 +24,7 @@
 //! node overwrites the draw from its own seeded generator after every
 //! input that may have reset it, before any tick can compare against it.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 use prost::Message as _;
 use raft::eraftpb::{Entry, EntryType, HardState, Message, SnapshotMetadata};
@@ -232,6 +232,8 @@ pub struct Node<D: Dir> {
     unpersisted: VecDeque<(u64, Option<HardState>)>,
     next_policy_at: u64,
     was_leader: bool,
+    /// Peer → when this leader last sent it a snapshot.
+    snapshots_sent: BTreeMap<NodeId, u64>,
 }
 
 impl<D: Dir> Node<D> {
@@ -285,6 +287,7 @@ impl<D: Dir> Node<D> {
             unpersisted: VecDeque::new(),
             next_policy_at: 0,
             was_leader: false,
+            snapshots_sent: BTreeMap::new(),
         };
         node.reseed_election_timeout();
         node.leases.on_state(&node.state);
@@ -367,6 +370,7 @@ impl<D: Dir> Node<D> {
         self.reseed_election_timeout();
         if self.is_leader() {
             self.liveness.heard(self.cfg.id, self.now);
+            self.retry_snapshots();
             self.run_policy();
         }
         let voters = self.voters();
@@ -385,6 +389,41 @@ impl<D: Dir> Node<D> {
                 }
             }
         }
+    }
+
+    /// raft-rs pauses a follower's replication while a snapshot is in
+    /// flight until the application reports how it went; a snapshot the
+    /// network lost would pause it forever. A transport that knows can call
+    /// [`Node::report_snapshot`]; without word for two election timeouts
+    /// the node reports a failure itself, and raft-rs sends another.
+    fn retry_snapshots(&mut self) {
+        let timeout = 2 * self.cfg.election_tick as u64;
+        let now = self.now;
+        let mut failed = Vec::new();
+        let prs = self.raw.raft.prs();
+        self.snapshots_sent.retain(|&id, &mut sent| {
+            let pending = prs
+                .get(id)
+                .is_some_and(|p| p.state == raft::ProgressState::Snapshot);
+            if pending && now >= sent + timeout {
+                failed.push(id);
+            }
+            pending && now < sent + timeout
+        });
+        for id in failed {
+            self.raw.report_snapshot(id, raft::SnapshotStatus::Failure);
+        }
+    }
+
+    /// What the transport learned about a snapshot it carried to `to`.
+    pub fn report_snapshot(&mut self, to: NodeId, delivered: bool) {
+        self.snapshots_sent.remove(&to);
+        let status = if delivered {
+            raft::SnapshotStatus::Finish
+        } else {
+            raft::SnapshotStatus::Failure
+        };
+        self.raw.report_snapshot(to, status);
     }
 
     /// The leader proposes what the policy decides, once its state holds
@@ -496,6 +535,11 @@ impl<D: Dir> Node<D> {
                 })
                 .collect()
         };
+        for m in rd.messages() {
+            if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+                self.snapshots_sent.insert(m.to, self.now);
+            }
+        }
         let mut messages = encode(rd.take_messages());
         messages.append(&mut self.outbox);
         let after_persist = encode(rd.take_persisted_messages());
@@ -667,6 +711,93 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Like `drive`, but `deliver` decides which messages arrive.
+    fn drive_filtered(
+        nodes: &mut [Node<MemDir>],
+        ticks: u64,
+        deliver: &mut dyn FnMut(&Outgoing) -> bool,
+    ) {
+        for _ in 0..ticks {
+            for n in nodes.iter_mut() {
+                n.tick();
+            }
+            for _round in 0..50 {
+                let mut inflight = Vec::new();
+                for n in nodes.iter_mut() {
+                    while let Some(rd) = n.ready().unwrap() {
+                        inflight.extend(rd.messages);
+                        if let Some(p) = &rd.persist {
+                            n.on_persisted(p.number).unwrap();
+                        }
+                        inflight.extend(rd.after_persist);
+                    }
+                }
+                if inflight.is_empty() {
+                    break;
+                }
+                for m in inflight {
+                    if deliver(&m) {
+                        let to = nodes.iter_mut().find(|n| n.id() == m.to).unwrap();
+                        let _ = to.step(&m.bytes);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_lost_snapshot_is_sent_again() {
+        let dirs: Vec<MemDir> = (0..3).map(|_| MemDir::new()).collect();
+        let mut nodes: Vec<Node<MemDir>> = (1..=3)
+            .map(|id| {
+                let mut cfg = NodeConfig::new(id, id);
+                cfg.snapshot_every = 3;
+                Node::bootstrap(dirs[id as usize - 1].clone(), cfg, &[1, 2, 3], &genesis()).unwrap()
+            })
+            .collect();
+        drive(&mut nodes, 60);
+        let leader = nodes.iter().position(|n| n.is_leader()).unwrap();
+        let lagging = nodes[(leader + 1) % 3].id();
+        let cut = |m: &Outgoing| m.to != lagging;
+        for v in 0..10 {
+            let leader = nodes.iter().position(|n| n.is_leader()).unwrap();
+            nodes[leader]
+                .propose(&Command::PutDocument {
+                    expected_version: v,
+                    text: format!("v{v}"),
+                })
+                .unwrap();
+            drive_filtered(&mut nodes, 2, &mut |m| cut(m));
+        }
+        let leader_id = nodes.iter().find(|n| n.is_leader()).unwrap().id();
+        assert!(
+            nodes
+                .iter()
+                .all(|n| n.store().latest_snapshot().get_metadata().index > 0 || n.id() == lagging),
+            "the others compacted, so only a snapshot can catch the lagging node up"
+        );
+        // Reconnect, but lose the first snapshot on the way.
+        let mut lost = 0;
+        drive_filtered(&mut nodes, 60, &mut |m| {
+            let is_snapshot = matches!(Wire::decode(&m.bytes), Ok(Wire::Raft(ref r))
+                if r.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot);
+            if is_snapshot && lost == 0 {
+                lost += 1;
+                return false;
+            }
+            true
+        });
+        assert_eq!(lost, 1, "the leader sent a snapshot");
+        let l = nodes.iter().find(|n| n.id() == leader_id).unwrap();
+        let f = nodes.iter().find(|n| n.id() == lagging).unwrap();
+        assert_eq!(
+            f.state().document.version,
+            10,
+            "caught up through a second snapshot"
+        );
+        assert_eq!(f.state(), l.state());
     }
 
     fn three(dirs: &[MemDir]) -> Vec<Node<MemDir>> {

@@ -60,12 +60,19 @@ pub struct SimOptions {
     pub heal_ppm: u32,
     /// Per node and tick.
     pub crash_ppm: u32,
+    /// Per Ready that applied entries: crash right after it, before its
+    /// persist completes, so the node applied what its durable hard state
+    /// does not yet commit (the worst moment for a lease voter).
+    pub crash_after_apply_ppm: u32,
     pub restart_after_ticks: (u64, u64),
     /// Persist latency, in steps.
     pub disk_steps: (u64, u64),
     /// Each node's clock runs at a fixed rate drawn within ± this of real
     /// time: the lease's assumed bound (`LeaseConfig::drift_ppm`).
     pub clock_drift_ppm: u32,
+    /// Entries between snapshots: small, so that compaction, snapshots
+    /// sent to lagging followers and restarts from a snapshot all happen.
+    pub snapshot_every: u64,
 }
 
 impl SimOptions {
@@ -85,9 +92,11 @@ impl SimOptions {
             partition_ppm: 15_000,
             heal_ppm: 40_000,
             crash_ppm: 2_000,
+            crash_after_apply_ppm: 30_000,
             restart_after_ticks: (5, 60),
             disk_steps: (0, 30),
             clock_drift_ppm: 10_000,
+            snapshot_every: 3 + seed % 8,
         }
     }
 }
@@ -107,6 +116,8 @@ pub struct SimReport {
     pub settled_after_ticks: u64,
     /// Ownership changes committed (failovers and failbacks).
     pub ownership_changes: u64,
+    /// Snapshots a lagging node received from the leader and installed.
+    pub snapshots_installed: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -200,7 +211,8 @@ impl Sim {
             .iter()
             .map(|&id| {
                 let dir = MemDir::new();
-                let cfg = NodeConfig::new(id, rng.r#gen());
+                let mut cfg = NodeConfig::new(id, rng.r#gen());
+                cfg.snapshot_every = opts.snapshot_every;
                 let node = Node::bootstrap(dir.clone(), cfg, &voters, &g).expect("bootstrap");
                 Slot {
                     id,
@@ -227,6 +239,7 @@ impl Sim {
                 committed: 0,
                 settled_after_ticks: 0,
                 ownership_changes: 0,
+                snapshots_installed: 0,
             },
             opts,
             rng,
@@ -327,6 +340,9 @@ impl Sim {
                 }
                 self.trace(&[1, id, a.index, a.term, fnv(&a.data)]);
             }
+            if rd.restored.is_some() {
+                self.report.snapshots_installed += 1;
+            }
             if !rd.applied.is_empty() || rd.restored.is_some() {
                 self.checker.on_state(id, applied, &state);
             }
@@ -335,6 +351,9 @@ impl Sim {
                 self.trace(&[2, id, m.to, fnv(&m.bytes)]);
                 self.send(id, m);
             }
+            let worst_moment = !rd.applied.is_empty()
+                && self.faults
+                && self.chance(self.opts.crash_after_apply_ppm);
             if let Some(p) = rd.persist {
                 let (lo, hi) = self.opts.disk_steps;
                 let delay = self.rng.gen_range(lo..=hi);
@@ -355,6 +374,10 @@ impl Sim {
                         number: p.number,
                     },
                 );
+            }
+            if worst_moment {
+                self.crash(id);
+                return Ok(());
             }
         }
         Err(format!(
@@ -423,11 +446,12 @@ impl Sim {
     }
 
     fn restart(&mut self, id: NodeId) -> Result<(), String> {
-        let seed = self.rng.r#gen();
+        let mut cfg = NodeConfig::new(id, self.rng.r#gen());
+        cfg.snapshot_every = self.opts.snapshot_every;
         let slot = self.slot(id);
         slot.restart_at = None;
-        let node = Node::restart(slot.dir.clone(), NodeConfig::new(id, seed))
-            .map_err(|e| format!("node {id}: restart: {e}"))?;
+        let node =
+            Node::restart(slot.dir.clone(), cfg).map_err(|e| format!("node {id}: restart: {e}"))?;
         let applied = node.applied_index();
         let state = node.state().clone();
         slot.node = Some(node);
