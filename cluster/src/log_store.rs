@@ -319,6 +319,17 @@ impl<D: Dir> DiskLog<D> {
                 ),
             });
         }
+        if let Some(e) = ents.iter().find(|e| e.encoded_len() > MAX_RECORD) {
+            // Recovery would take such a record for a corrupt length.
+            return Err(LogError::Invalid {
+                field: "entries",
+                reason: format!(
+                    "entry {} is {} bytes, at most {MAX_RECORD}",
+                    e.index,
+                    e.encoded_len()
+                ),
+            });
+        }
         if ents.windows(2).any(|w| w[1].index != w[0].index + 1) {
             return Err(LogError::Invalid {
                 field: "entries",

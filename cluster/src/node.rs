@@ -44,6 +44,9 @@ use crate::state::{Applied, ClusterState, Command, CommandError, GroupId, NodeId
 const MAX_OUTBOX: usize = 1024;
 /// Largest message accepted from the network.
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+/// Largest command a node proposes: the largest document plus room for
+/// its JSON escaping.
+pub const MAX_ENTRY_BYTES: usize = 4 << 20;
 
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -92,6 +95,8 @@ pub enum NodeError {
     Log(#[from] LogError),
     #[error("state: {0}")]
     State(#[from] CommandError),
+    #[error("command: {bytes} bytes encoded, at most {max}")]
+    TooLarge { bytes: usize, max: usize },
     #[error("persist {got} completed out of order (next is {expected:?})")]
     PersistOrder { got: u64, expected: Option<u64> },
 }
@@ -461,8 +466,18 @@ impl<D: Dir> Node<D> {
         }
     }
 
+    /// Proposes a command; it is committed (or refused) once it appears
+    /// in a later `Ready.applied`. Larger than [`MAX_ENTRY_BYTES`] is an
+    /// error here, so no entry the log store cannot hold is ever replicated.
     pub fn propose(&mut self, cmd: &Command) -> Result<(), NodeError> {
-        self.raw.propose(vec![], cmd.encode())?;
+        let data = cmd.encode();
+        if data.len() > MAX_ENTRY_BYTES {
+            return Err(NodeError::TooLarge {
+                bytes: data.len(),
+                max: MAX_ENTRY_BYTES,
+            });
+        }
+        self.raw.propose(vec![], data)?;
         Ok(())
     }
 
@@ -915,6 +930,36 @@ mod tests {
             n.on_persisted(42),
             Err(NodeError::PersistOrder { got: 42, .. })
         ));
+    }
+
+    #[test]
+    fn random_bytes_from_the_network_never_panic_and_change_nothing() {
+        use rand::{Rng, SeedableRng};
+        let dirs: Vec<MemDir> = (0..3).map(|_| MemDir::new()).collect();
+        let mut nodes = three(&dirs);
+        drive(&mut nodes, 40);
+        let n = &mut nodes[0];
+        let (term, applied, state) = (n.term(), n.applied_index(), n.state().clone());
+        let mut rng = ChaCha8Rng::seed_from_u64(99);
+        let mut errors = 0;
+        for _ in 0..20_000 {
+            let len = rng.gen_range(0..64);
+            let mut b: Vec<u8> = (0..len).map(|_| rng.r#gen()).collect();
+            if let Some(t) = b.first_mut() {
+                *t = [TAG_RAFT, TAG_LEASE, 0, 7][rng.gen_range(0..4)];
+            }
+            if n.step(&b).is_err() {
+                errors += 1;
+            }
+        }
+        assert!(errors > 19_000, "{errors} of 20000 refused");
+        assert_eq!((n.term(), n.applied_index()), (term, applied));
+        assert_eq!(n.state(), &state);
+        let big = Command::PutDocument {
+            expected_version: 0,
+            text: "x".repeat(MAX_ENTRY_BYTES),
+        };
+        assert!(matches!(n.propose(&big), Err(NodeError::TooLarge { .. })));
     }
 
     #[test]
