@@ -178,6 +178,13 @@ impl<D: Dir> DiskLog<D> {
         DiskLog::open(dir)
     }
 
+    /// The voter set as of the last applied conf change. It reaches the
+    /// disk with the next snapshot: until then a restart replays the conf
+    /// change entries from the log, as raft-rs expects.
+    pub fn set_conf_state(&mut self, cs: ConfState) {
+        self.conf_state = cs;
+    }
+
     /// Recovers the store from its directory (see the module doc).
     pub fn open(mut dir: D) -> Result<DiskLog<D>, LogError> {
         let snapshot = match dir.read(SNAPSHOT)? {
@@ -194,15 +201,14 @@ impl<D: Dir> DiskLog<D> {
                 });
             }
         };
-        let (mut hard_state, mut conf_state) = match dir.read(RAFT_STATE)? {
+        let (mut hard_state, _) = match dir.read(RAFT_STATE)? {
             Some(b) => decode_raft_state(&b)?,
             None => (HardState::default(), ConfState::default()),
         };
         let meta = snapshot.get_metadata();
-        // The snapshot is written before the raft state that follows it.
-        if meta.index > 0 || conf_state == ConfState::default() {
-            conf_state = meta.get_conf_state().clone();
-        }
+        // The voters as of the snapshot: raft-rs replays the conf changes
+        // after it (the raft state's copy may already include them).
+        let conf_state = meta.get_conf_state().clone();
         hard_state.commit = hard_state.commit.max(meta.index);
         hard_state.term = hard_state.term.max(meta.term);
 

@@ -3,8 +3,8 @@
 //! failover [`policy`], and the write [`lease`]s.
 //!
 //! Inputs: [`Node::tick`] (time), [`Node::step`] (bytes from a peer),
-//! [`Node::propose`] (a command), [`Node::on_persisted`] (a persist is
-//! durable). After any input, drain [`Node::ready`] until it returns
+//! [`Node::propose`] (a command), [`Node::propose_membership`] (one voter
+//! change), [`Node::on_persisted`] (a persist is durable). After any input, drain [`Node::ready`] until it returns
 //! `None`, and for each [`Ready`]:
 //! 1. send `messages` now;
 //! 2. make the persist durable by calling `on_persisted(persist.number)`,
@@ -27,7 +27,9 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use prost::Message as _;
-use raft::eraftpb::{Entry, EntryType, HardState, Message, SnapshotMetadata};
+use raft::eraftpb::{
+    ConfChange, ConfChangeType, Entry, EntryType, HardState, Message, SnapshotMetadata,
+};
 use raft::{RawNode, StateRole, Storage};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -99,6 +101,13 @@ pub enum NodeError {
     TooLarge { bytes: usize, max: usize },
     #[error("persist {got} completed out of order (next is {expected:?})")]
     PersistOrder { got: u64, expected: Option<u64> },
+}
+
+/// One change of the Raft voter set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Membership {
+    AddVoter(NodeId),
+    RemoveVoter(NodeId),
 }
 
 /// A message for the transport, already encoded.
@@ -254,6 +263,26 @@ impl<D: Dir> Node<D> {
         Node::with_store(store, cfg)
     }
 
+    /// A node that will join a running cluster. It starts where every
+    /// member started (the genesis voters and state, onto which the log
+    /// replays, or a snapshot replaces) without being a voter itself, and
+    /// waits for the leader once a member proposed
+    /// [`Membership::AddVoter`] for it.
+    pub fn join(
+        dir: D,
+        cfg: NodeConfig,
+        voters: &[NodeId],
+        genesis: &ClusterState,
+    ) -> Result<Node<D>, NodeError> {
+        if voters.contains(&cfg.id) {
+            return Err(NodeError::Log(LogError::Invalid {
+                field: "voters",
+                reason: format!("a joining node ({}) is not a voter yet", cfg.id),
+            }));
+        }
+        Node::bootstrap(dir, cfg, voters, genesis)
+    }
+
     /// A member restarting from what its disk holds.
     pub fn restart(dir: D, cfg: NodeConfig) -> Result<Node<D>, NodeError> {
         let store = DiskLog::open(dir)?;
@@ -344,8 +373,11 @@ impl<D: Dir> Node<D> {
         self.now
     }
 
+    /// The current Raft voters, sorted.
     pub fn voters(&self) -> Vec<NodeId> {
-        self.raw.store().conf_state().voters.clone()
+        let mut v = self.raw.store().conf_state().voters.clone();
+        v.sort_unstable();
+        v
     }
 
     pub fn store(&self) -> &DiskLog<D> {
@@ -481,6 +513,26 @@ impl<D: Dir> Node<D> {
         Ok(())
     }
 
+    /// Proposes one change of the Raft voter set. raft-rs commits voter
+    /// changes one at a time: while one is pending, a second is turned into
+    /// an empty entry, so propose the next only once this one is applied.
+    pub fn propose_membership(&mut self, change: Membership) -> Result<(), NodeError> {
+        let (change_type, node_id) = match change {
+            Membership::AddVoter(id) => (ConfChangeType::AddNode, id),
+            Membership::RemoveVoter(id) => (ConfChangeType::RemoveNode, id),
+        };
+        if node_id == 0 {
+            return Err(NodeError::Malformed("node id 0".into()));
+        }
+        let cc = ConfChange {
+            change_type: change_type as i32,
+            node_id,
+            ..Default::default()
+        };
+        self.raw.propose_conf_change(vec![], cc)?;
+        Ok(())
+    }
+
     /// A message from a peer. Anything malformed or misaddressed is an
     /// error and changes nothing.
     pub fn step(&mut self, bytes: &[u8]) -> Result<(), NodeError> {
@@ -585,12 +637,13 @@ impl<D: Dir> Node<D> {
                 // A new leader's empty entry.
                 continue;
             }
-            let result = if e.get_entry_type() == EntryType::EntryNormal {
-                self.state.apply_entry(&e.data)
-            } else {
-                // Membership goes through the state machine, never through
-                // raft-rs conf changes, so these cannot be ours.
-                Err(CommandError::Malformed("a conf change entry".into()))
+            let result = match e.get_entry_type() {
+                EntryType::EntryNormal => self.state.apply_entry(&e.data),
+                EntryType::EntryConfChange => self.apply_membership(&e.data),
+                // We never propose joint (V2) changes.
+                EntryType::EntryConfChangeV2 => {
+                    Err(CommandError::Malformed("a joint conf change".into()))
+                }
             };
             applied.push(AppliedEntry {
                 index: e.index,
@@ -625,6 +678,21 @@ impl<D: Dir> Node<D> {
             applied,
             restored,
         }))
+    }
+
+    /// A committed voter change. Every replica applies the same ones in
+    /// the same order, so a refused one is refused everywhere.
+    fn apply_membership(&mut self, data: &[u8]) -> Result<Applied, CommandError> {
+        let cc = ConfChange::decode(data).map_err(|e| CommandError::Malformed(e.to_string()))?;
+        let cs = self
+            .raw
+            .apply_conf_change(&cc)
+            .map_err(|e| CommandError::Invalid {
+                field: "node_id",
+                reason: e.to_string(),
+            })?;
+        self.raw.mut_store().set_conf_state(cs);
+        Ok(Applied::Done)
     }
 
     fn advance_raft_applied(&mut self) {
@@ -929,6 +997,72 @@ mod tests {
         assert!(matches!(
             n.on_persisted(42),
             Err(NodeError::PersistOrder { got: 42, .. })
+        ));
+    }
+
+    #[test]
+    fn voters_join_and_leave_one_at_a_time_and_survive_a_restart() {
+        let dirs: Vec<MemDir> = (0..4).map(|_| MemDir::new()).collect();
+        let mut nodes = three(&dirs);
+        drive(&mut nodes, 60);
+        assert!(Node::join(MemDir::new(), NodeConfig::new(4, 4), &[1, 4], &genesis()).is_err());
+        nodes.push(
+            Node::join(
+                dirs[3].clone(),
+                NodeConfig::new(4, 4),
+                &[1, 2, 3],
+                &genesis(),
+            )
+            .unwrap(),
+        );
+        assert!(!nodes[3].voters().contains(&4));
+        let leader = nodes.iter().position(|n| n.is_leader()).unwrap();
+        nodes[leader]
+            .propose_membership(Membership::AddVoter(4))
+            .unwrap();
+        drive(&mut nodes, 20);
+        for n in &nodes {
+            assert_eq!(n.voters(), vec![1, 2, 3, 4], "node {}", n.id());
+        }
+        assert_eq!(
+            nodes[3].state(),
+            nodes[leader].state(),
+            "the joiner replayed onto genesis"
+        );
+
+        // Remove a voter that is not the leader; the other three go on.
+        let leader = nodes.iter().position(|n| n.is_leader()).unwrap();
+        let gone = nodes[(leader + 1) % 3].id();
+        nodes[leader]
+            .propose_membership(Membership::RemoveVoter(gone))
+            .unwrap();
+        drive(&mut nodes, 20);
+        let leader = nodes.iter().position(|n| n.is_leader()).unwrap();
+        let mut expect: Vec<NodeId> = vec![1, 2, 3, 4];
+        expect.retain(|&id| id != gone);
+        assert_eq!(nodes[leader].voters(), expect);
+        nodes.retain(|n| n.id() != gone);
+        let leader = nodes.iter().position(|n| n.is_leader()).unwrap();
+        nodes[leader]
+            .propose(&Command::PutDocument {
+                expected_version: 0,
+                text: "three voters".into(),
+            })
+            .unwrap();
+        drive(&mut nodes, 10);
+        assert!(nodes.iter().all(|n| n.state().document.version == 1));
+
+        // Node 4 restarts: the conf changes replay from its log.
+        nodes.retain(|n| n.id() != 4);
+        nodes.push(Node::restart(dirs[3].clone(), NodeConfig::new(4, 44)).unwrap());
+        drive(&mut nodes, 40);
+        let n4 = nodes.iter().find(|n| n.id() == 4).unwrap();
+        assert_eq!(n4.voters(), expect);
+        assert_eq!(n4.state().document.version, 1);
+        assert_eq!(nodes.iter().filter(|n| n.is_leader()).count(), 1);
+        assert!(matches!(
+            nodes[0].propose_membership(Membership::AddVoter(0)),
+            Err(NodeError::Malformed(_))
         ));
     }
 
