@@ -769,7 +769,7 @@ mod tests {
     }
 
     /// Three nodes on a perfect network with instant disks.
-    fn drive(nodes: &mut [Node<MemDir>], ticks: u64) {
+    fn drive<D: Dir>(nodes: &mut [Node<D>], ticks: u64) {
         for _ in 0..ticks {
             for n in nodes.iter_mut() {
                 n.tick();
@@ -956,6 +956,44 @@ mod tests {
         drive(&mut nodes, 60);
         assert!(nodes[0].applied_index() >= applied);
         assert_eq!(nodes[0].state().document, before.document);
+        assert_eq!(nodes.iter().filter(|n| n.is_leader()).count(), 1);
+    }
+
+    #[test]
+    fn a_cluster_on_real_directories_restarts_from_them() {
+        use crate::disk::OsDir;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = |id: u64| OsDir::open(tmp.path().join(format!("n{id}"))).unwrap();
+        let mut nodes: Vec<Node<OsDir>> = (1..=3)
+            .map(|id| {
+                let mut cfg = NodeConfig::new(id, id);
+                cfg.snapshot_every = 4;
+                Node::bootstrap(dir(id), cfg, &[1, 2, 3], &genesis()).unwrap()
+            })
+            .collect();
+        drive(&mut nodes, 60);
+        for v in 0..6 {
+            let leader = nodes.iter().position(|n| n.is_leader()).unwrap();
+            nodes[leader]
+                .propose(&Command::PutDocument {
+                    expected_version: v,
+                    text: format!("v{v}"),
+                })
+                .unwrap();
+            drive(&mut nodes, 2);
+        }
+        let before: Vec<ClusterState> = nodes.iter().map(|n| n.state().clone()).collect();
+        drop(nodes);
+        assert!(tmp.path().join("n1/snapshot").exists());
+        assert!(!tmp.path().join("n1/snapshot.tmp").exists());
+        let mut nodes: Vec<Node<OsDir>> = (1..=3)
+            .map(|id| Node::restart(dir(id), NodeConfig::new(id, 7 * id)).unwrap())
+            .collect();
+        drive(&mut nodes, 60);
+        for (n, b) in nodes.iter().zip(&before) {
+            assert_eq!(n.state().document, b.document);
+            assert_eq!(n.state().document.version, 6);
+        }
         assert_eq!(nodes.iter().filter(|n| n.is_leader()).count(), 1);
     }
 
