@@ -248,6 +248,8 @@ pub struct Node<D: Dir> {
     was_leader: bool,
     /// Peer → when this leader last sent it a snapshot.
     snapshots_sent: BTreeMap<NodeId, u64>,
+    /// A conf change was applied since the last snapshot.
+    snapshot_due: bool,
 }
 
 impl<D: Dir> Node<D> {
@@ -322,6 +324,7 @@ impl<D: Dir> Node<D> {
             next_policy_at: 0,
             was_leader: false,
             snapshots_sent: BTreeMap::new(),
+            snapshot_due: false,
         };
         node.reseed_election_timeout();
         node.leases.on_state(&node.state);
@@ -692,6 +695,10 @@ impl<D: Dir> Node<D> {
                 reason: e.to_string(),
             })?;
         self.raw.mut_store().set_conf_state(cs);
+        // A snapshot from before the change does not list a new voter, and
+        // raft-rs refuses a snapshot whose voters lack it: the next one
+        // must be taken at once, not after `snapshot_every` entries.
+        self.snapshot_due = true;
         Ok(Applied::Done)
     }
 
@@ -729,15 +736,15 @@ impl<D: Dir> Node<D> {
     fn maybe_compact(&mut self) -> Result<(), NodeError> {
         let store = self.raw.store();
         let snap_index = store.latest_snapshot().get_metadata().index;
-        if self.applied < snap_index + self.cfg.snapshot_every
-            || self.applied > store.hard_state().commit
-            || self.applied > store.last_index()?
-        {
+        let due = self.applied >= snap_index + self.cfg.snapshot_every
+            || (self.snapshot_due && self.applied > snap_index);
+        if !due || self.applied > store.hard_state().commit || self.applied > store.last_index()? {
             return Ok(());
         }
         let data = self.state.encode();
         let applied = self.applied;
         self.raw.mut_store().compact(applied, data)?;
+        self.snapshot_due = false;
         Ok(())
     }
 }

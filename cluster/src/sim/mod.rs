@@ -15,6 +15,9 @@
 //! - slow disk: a persist completes after a random delay, and the
 //!   messages that wait on it are held until then.
 //!
+//! Every third seed also starts one storage node outside the voter set and
+//! has the leader add it by a conf change mid-run.
+//!
 //! Then the network heals, crashed nodes restart, and within
 //! `settle_ticks` the cluster must have one leader that every node follows,
 //! every group owned by a live storage node that may write, and every node
@@ -73,6 +76,9 @@ pub struct SimOptions {
     /// Entries between snapshots: small, so that compaction, snapshots
     /// sent to lagging followers and restarts from a snapshot all happen.
     pub snapshot_every: u64,
+    /// A storage node that starts outside the voter set and is added by a
+    /// conf change proposed from this tick on (retried until it is in).
+    pub join_at_tick: Option<u64>,
 }
 
 impl SimOptions {
@@ -97,6 +103,8 @@ impl SimOptions {
             disk_steps: (0, 30),
             clock_drift_ppm: 10_000,
             snapshot_every: 3 + seed % 8,
+            // Every third seed grows the cluster by one voter mid-run.
+            join_at_tick: (seed % 3 == 2).then_some(20 + seed % 200),
         }
     }
 }
@@ -118,6 +126,8 @@ pub struct SimReport {
     pub ownership_changes: u64,
     /// Snapshots a lagging node received from the leader and installed.
     pub snapshots_installed: u64,
+    /// The joiner ended the run as a voter on every node.
+    pub joined: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -167,13 +177,17 @@ pub struct Sim {
     report: SimReport,
     committed_before_heal: u64,
     settled: Option<u64>,
+    joiner: Option<NodeId>,
+    /// Tick of the last AddVoter proposal for the joiner.
+    join_proposed_at: Option<u64>,
 }
 
 fn genesis(opts: &SimOptions) -> ClusterState {
     let mut s = ClusterState::default();
     let n = opts.storage_nodes + opts.witnesses;
-    for id in 1..=n {
-        let role = if id <= opts.storage_nodes {
+    let joiner = u64::from(opts.join_at_tick.is_some());
+    for id in 1..=n + joiner {
+        let role = if id <= opts.storage_nodes || id > n {
             Role::Storage
         } else {
             Role::Witness
@@ -205,15 +219,27 @@ impl Sim {
     pub fn new(opts: SimOptions) -> Sim {
         let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
         let g = genesis(&opts);
-        let voters: Vec<NodeId> = g.nodes.keys().copied().collect();
+        let all: Vec<NodeId> = g.nodes.keys().copied().collect();
+        let joiner = opts
+            .join_at_tick
+            .map(|_| opts.storage_nodes + opts.witnesses + 1);
+        let voters: Vec<NodeId> = all
+            .iter()
+            .copied()
+            .filter(|&id| Some(id) != joiner)
+            .collect();
         let drift = opts.clock_drift_ppm as i64;
-        let slots = voters
+        let slots = all
             .iter()
             .map(|&id| {
                 let dir = MemDir::new();
                 let mut cfg = NodeConfig::new(id, rng.r#gen());
                 cfg.snapshot_every = opts.snapshot_every;
-                let node = Node::bootstrap(dir.clone(), cfg, &voters, &g).expect("bootstrap");
+                let node = if Some(id) == joiner {
+                    Node::join(dir.clone(), cfg, &voters, &g).expect("join")
+                } else {
+                    Node::bootstrap(dir.clone(), cfg, &voters, &g).expect("bootstrap")
+                };
                 Slot {
                     id,
                     role: g.nodes[&id].role,
@@ -240,6 +266,7 @@ impl Sim {
                 settled_after_ticks: 0,
                 ownership_changes: 0,
                 snapshots_installed: 0,
+                joined: false,
             },
             opts,
             rng,
@@ -253,6 +280,8 @@ impl Sim {
             trace: 0xcbf29ce484222325,
             committed_before_heal: 0,
             settled: None,
+            joiner,
+            join_proposed_at: None,
         }
     }
 
@@ -520,6 +549,12 @@ impl Sim {
         {
             return false;
         }
+        if self
+            .joiner
+            .is_some_and(|j| nodes.iter().any(|n| !n.voters().contains(&j)))
+        {
+            return false;
+        }
         let state = leader.state();
         state.groups.values().all(|g| {
             g.owner.is_some_and(|o| {
@@ -530,6 +565,39 @@ impl Sim {
                     && self.checker.writers().get(&g.id) == Some(&o)
             })
         })
+    }
+
+    /// Asks the leader, as an operator would, to add the joiner as a voter
+    /// until the leader's voter set has it; retried after 20 ticks, since a
+    /// proposal can be lost with its leader.
+    fn drive_join(&mut self) -> Result<(), String> {
+        let (Some(j), Some(at)) = (self.joiner, self.opts.join_at_tick) else {
+            return Ok(());
+        };
+        let tick = self.now / STEPS_PER_TICK;
+        if tick < at || self.join_proposed_at.is_some_and(|t| tick < t + 20) {
+            return Ok(());
+        }
+        let Some(leader) = self
+            .slots
+            .iter()
+            .filter_map(|s| s.node.as_ref())
+            .find(|n| n.is_leader())
+            .map(|n| n.id())
+        else {
+            return Ok(());
+        };
+        let slot = self.slot(leader);
+        let node = slot.node.as_mut().expect("found above");
+        if node.voters().contains(&j) {
+            return Ok(());
+        }
+        let ok = node
+            .propose_membership(crate::node::Membership::AddVoter(j))
+            .is_ok();
+        self.join_proposed_at = Some(tick);
+        self.trace(&[11, leader, j, u64::from(ok)]);
+        self.drive(leader)
     }
 
     /// Advances every node's clock by one step; the nodes whose clock
@@ -567,6 +635,9 @@ impl Sim {
         }
         if self.faults && self.now.is_multiple_of(STEPS_PER_TICK) {
             self.inject_faults();
+        }
+        if self.now.is_multiple_of(STEPS_PER_TICK) {
+            self.drive_join()?;
         }
         while let Some(entry) = self.events.first_entry() {
             // Events scheduled for this step by its node ticks run at the
@@ -610,6 +681,11 @@ impl Sim {
         r.settled_after_ticks = self.settled.unwrap_or(0);
         r.committed = self.checker.max_applied();
         r.trace_hash = self.trace;
+        r.joined = self.joiner.is_some_and(|j| {
+            self.slots
+                .iter()
+                .all(|s| s.node.as_ref().is_some_and(|n| n.voters().contains(&j)))
+        });
         Ok(r)
     }
 
