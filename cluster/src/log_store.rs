@@ -4,10 +4,12 @@
 //!   | payload` where the payload is one prost-encoded `Entry`. A
 //!   conflicting suffix is cut with a truncate before the new entries are
 //!   appended; [`DiskLog::sync`] makes both durable.
-//! - `raftstate`: the hard state (term, vote, commit) and conf state,
-//!   replaced atomically (write temp, fsync, rename, fsync dir).
-//! - `snapshot`: the latest snapshot (metadata and serialized state
-//!   machine), replaced atomically. Taking or installing one rewrites `log`
+//! - `raftstate`: the hard state (term, vote, commit), replaced atomically
+//!   (write temp, fsync, rename, fsync dir). It also carries a copy of the
+//!   current voters for people reading it; recovery ignores it.
+//! - `snapshot`: the latest snapshot (metadata with the voters as of its
+//!   index, and the serialized state machine), replaced atomically; raft-rs
+//!   replays the conf changes after it. Taking or installing one rewrites `log`
 //!   with only the entries after it (compaction).
 //!
 //! Ordering is what makes a crash at any point recoverable: entries are
