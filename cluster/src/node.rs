@@ -1111,6 +1111,116 @@ mod tests {
         ));
     }
 
+    /// The grant node 3 answers to a lease request from `from`.
+    fn lease_answer(n3: &mut Node<MemDir>, from: NodeId, req: LeaseRequest) -> bool {
+        let bytes = Wire::Lease {
+            from,
+            to: 3,
+            body: LeaseWire::Request(req),
+        }
+        .encode();
+        n3.step(&bytes).unwrap();
+        let rd = n3.ready().unwrap().unwrap();
+        let grants: Vec<bool> = rd
+            .messages
+            .iter()
+            .filter(|m| m.to == from)
+            .filter_map(|m| match Wire::decode(&m.bytes) {
+                Ok(Wire::Lease {
+                    body: LeaseWire::Grant(g),
+                    ..
+                }) if g.seq == req.seq => Some(g.granted),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(grants.len(), 1);
+        grants[0]
+    }
+
+    #[test]
+    fn a_voter_restarted_behind_its_log_grants_no_lease_until_it_caught_up() {
+        use rand::SeedableRng;
+        let dirs: Vec<MemDir> = (0..3).map(|_| MemDir::new()).collect();
+        let mut nodes = three(&dirs);
+        drive(&mut nodes, 80);
+        assert_eq!(nodes[2].state().groups[&1].owner, Some(1));
+        let leader = nodes.iter().position(|n| n.is_leader()).unwrap();
+        nodes[leader]
+            .propose(&Command::SetGroupOwner {
+                group: 1,
+                owner: Some(2),
+                expected_epoch: 1,
+            })
+            .unwrap();
+        // Deliver until node 3 applies the move, and crash it right there:
+        // before the persist whose hard state commits the move.
+        let mut crashed = false;
+        'rounds: for _ in 0..200 {
+            let mut inflight = Vec::new();
+            for n in nodes.iter_mut() {
+                while let Some(rd) = n.ready().unwrap() {
+                    inflight.extend(rd.messages);
+                    let moved = n.id() == 3
+                        && rd
+                            .applied
+                            .iter()
+                            .any(|a| matches!(a.result, Ok(Applied::Owner { group: 1, .. })));
+                    if moved {
+                        crashed = true;
+                        break 'rounds;
+                    }
+                    if let Some(p) = &rd.persist {
+                        n.on_persisted(p.number).unwrap();
+                    }
+                    inflight.extend(rd.after_persist);
+                }
+            }
+            for m in inflight {
+                let to = nodes.iter_mut().find(|n| n.id() == m.to).unwrap();
+                let _ = to.step(&m.bytes);
+            }
+            for n in nodes.iter_mut() {
+                n.tick();
+            }
+        }
+        assert!(crashed, "node 3 applied the move");
+        nodes.pop();
+        dirs[2].crash(&mut ChaCha8Rng::seed_from_u64(1));
+        let mut n3 = Node::restart(dirs[2].clone(), NodeConfig::new(3, 33)).unwrap();
+        // Replay what its hard state commits, cut off from the others.
+        while let Some(rd) = n3.ready().unwrap() {
+            if let Some(p) = rd.persist {
+                n3.on_persisted(p.number).unwrap();
+            }
+        }
+        // The scenario: its durable hard state predates the move, so its
+        // state replays to the old owner, while its log holds the move.
+        assert_eq!(n3.state().groups[&1].owner, Some(1));
+        assert_eq!(n3.state().groups[&1].epoch, 1);
+        assert!(n3.store().entries_after_snapshot().len() as u64 > n3.applied_index());
+        let old = LeaseRequest {
+            group: 1,
+            epoch: 1,
+            seq: 900,
+        };
+        assert!(
+            !lease_answer(&mut n3, 1, old),
+            "no grant to the old owner from a voter behind its log"
+        );
+        // Once it caught up, it grants the new owner and never the old.
+        nodes.push(n3);
+        drive(&mut nodes, 20);
+        let n3 = nodes.iter_mut().find(|n| n.id() == 3).unwrap();
+        assert_eq!(n3.state().groups[&1].epoch, 2);
+        let new = LeaseRequest {
+            group: 1,
+            epoch: 2,
+            seq: 901,
+        };
+        assert!(lease_answer(n3, 2, new));
+        assert!(!lease_answer(n3, 1, LeaseRequest { seq: 902, ..old }));
+    }
+
     #[test]
     fn random_bytes_from_the_network_never_panic_and_change_nothing() {
         use rand::{Rng, SeedableRng};
