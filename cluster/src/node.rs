@@ -1221,6 +1221,61 @@ mod tests {
         assert!(!lease_answer(n3, 1, LeaseRequest { seq: 902, ..old }));
     }
 
+    fn raft_types(out: &[Outgoing]) -> Vec<raft::eraftpb::MessageType> {
+        out.iter()
+            .filter_map(|m| match Wire::decode(&m.bytes) {
+                Ok(Wire::Raft(r)) => Some(r.get_msg_type()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_vote_waits_for_the_persist_of_the_term_and_vote_it_promises() {
+        use raft::eraftpb::MessageType::*;
+        let mut n =
+            Node::bootstrap(MemDir::new(), NodeConfig::new(1, 5), &[1, 2, 3], &genesis()).unwrap();
+        let mut rd = None;
+        for _ in 0..40 {
+            n.tick();
+            if let Some(r) = n.ready().unwrap() {
+                rd = Some(r);
+                break;
+            }
+        }
+        let rd = rd.expect("campaigned");
+        assert!(raft_types(&rd.messages).is_empty());
+        assert_eq!(raft_types(&rd.after_persist), vec![MsgRequestPreVote; 2]);
+        n.on_persisted(rd.persist.unwrap().number).unwrap();
+        let grant = Message {
+            msg_type: MsgRequestPreVoteResponse as i32,
+            from: 2,
+            to: 1,
+            term: 1,
+            ..Default::default()
+        };
+        n.step(&Wire::Raft(Box::new(grant)).encode()).unwrap();
+        let rd = n.ready().unwrap().unwrap();
+        let hs = rd.persist.as_ref().unwrap().hard_state.clone().unwrap();
+        assert_eq!(
+            (hs.term, hs.vote),
+            (1, 1),
+            "the vote for itself is to be persisted"
+        );
+        assert!(
+            raft_types(&rd.messages).is_empty(),
+            "nothing goes out before that"
+        );
+        assert_eq!(raft_types(&rd.after_persist), vec![MsgRequestVote; 2]);
+        assert_eq!(
+            n.store().hard_state().term,
+            0,
+            "not durable until on_persisted"
+        );
+        n.on_persisted(rd.persist.unwrap().number).unwrap();
+        assert_eq!(n.store().hard_state().vote, 1);
+    }
+
     #[test]
     fn random_bytes_from_the_network_never_panic_and_change_nothing() {
         use rand::{Rng, SeedableRng};
