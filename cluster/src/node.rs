@@ -148,16 +148,10 @@ pub struct Ready {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-enum LeaseBody {
-    Request(LeaseRequest),
-    Grant(LeaseGrant),
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct LeaseMsg {
     from: NodeId,
     to: NodeId,
-    body: LeaseBody,
+    body: LeaseWire,
 }
 
 const TAG_RAFT: u8 = 1;
@@ -174,7 +168,7 @@ pub enum Wire {
     },
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LeaseWire {
     Request(LeaseRequest),
     Grant(LeaseGrant),
@@ -192,10 +186,7 @@ impl Wire {
                 let msg = LeaseMsg {
                     from: *from,
                     to: *to,
-                    body: match body {
-                        LeaseWire::Request(r) => LeaseBody::Request(*r),
-                        LeaseWire::Grant(g) => LeaseBody::Grant(*g),
-                    },
+                    body: body.clone(),
                 };
                 let mut out = vec![TAG_LEASE];
                 out.extend_from_slice(&serde_json::to_vec(&msg).expect("lease message serializes"));
@@ -218,10 +209,7 @@ impl Wire {
                 Ok(Wire::Lease {
                     from: m.from,
                     to: m.to,
-                    body: match m.body {
-                        LeaseBody::Request(r) => LeaseWire::Request(r),
-                        LeaseBody::Grant(g) => LeaseWire::Grant(g),
-                    },
+                    body: m.body,
                 })
             }
             Some((tag, _)) => Err(NodeError::Malformed(format!("unknown tag {tag}"))),
