@@ -536,7 +536,10 @@ impl<D: Dir> Node<D> {
                 if raft::raw_node::is_local_msg(m.get_msg_type()) {
                     return Err(NodeError::Malformed("a local message type".into()));
                 }
-                if self.is_leader() {
+                // Only members count: a removed node that has not heard of
+                // its removal keeps campaigning, and must not look alive to
+                // the policy.
+                if self.is_leader() && self.raw.raft.prs().conf().voters().contains(m.from) {
                     self.liveness.heard(m.from, self.now);
                 }
                 self.raw.step(*m)?;
@@ -682,7 +685,15 @@ impl<D: Dir> Node<D> {
                 field: "node_id",
                 reason: e.to_string(),
             })?;
+        let removed_self = !cs.voters.contains(&self.cfg.id);
         self.raw.mut_store().set_conf_state(cs);
+        if removed_self && self.is_leader() {
+            // raft-rs 0.7 has no step-down on removal: a leader outside
+            // its own voter set fails an assertion on the next append
+            // response. Step down; the remaining voters elect a leader.
+            let term = self.raw.raft.term;
+            self.raw.raft.become_follower(term, raft::INVALID_ID);
+        }
         // A snapshot from before the change does not list a new voter, and
         // raft-rs refuses a snapshot whose voters lack it: the next one
         // must be taken at once, not after `snapshot_every` entries.
@@ -1262,6 +1273,43 @@ mod tests {
         );
         n.on_persisted(rd.persist.unwrap().number).unwrap();
         assert_eq!(n.store().hard_state().vote, 1);
+    }
+
+    #[test]
+    fn a_leader_that_removes_itself_steps_down_and_the_rest_elect_another() {
+        let dirs: Vec<MemDir> = (0..4).map(|_| MemDir::new()).collect();
+        let mut nodes = three(&dirs);
+        nodes.push(
+            Node::join(
+                dirs[3].clone(),
+                NodeConfig::new(4, 4),
+                &[1, 2, 3],
+                &genesis(),
+            )
+            .unwrap(),
+        );
+        drive(&mut nodes, 60);
+        let leader = nodes.iter().position(|n| n.is_leader()).unwrap();
+        nodes[leader]
+            .propose_membership(Membership::AddVoter(4))
+            .unwrap();
+        drive(&mut nodes, 20);
+        let leader = nodes.iter().position(|n| n.is_leader()).unwrap();
+        let old = nodes[leader].id();
+        nodes[leader]
+            .propose_membership(Membership::RemoveVoter(old))
+            .unwrap();
+        drive(&mut nodes, 60);
+        let leaders: Vec<NodeId> = nodes
+            .iter()
+            .filter(|n| n.is_leader())
+            .map(|n| n.id())
+            .collect();
+        assert_eq!(leaders.len(), 1);
+        assert_ne!(leaders[0], old, "the removed leader stepped down");
+        let l = nodes.iter().find(|n| n.is_leader()).unwrap();
+        assert!(!l.voters().contains(&old));
+        assert_eq!(l.voters().len(), 3);
     }
 
     #[test]

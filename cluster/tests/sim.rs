@@ -29,6 +29,7 @@ fn seeds() {
     let mut changes = 0;
     let mut snapshots = 0;
     let mut joined = 0;
+    let mut left = 0;
     let mut settled_max = 0;
     for seed in 0..n {
         match run_seed(seed) {
@@ -38,6 +39,7 @@ fn seeds() {
                 changes += r.ownership_changes;
                 snapshots += r.snapshots_installed;
                 joined += u64::from(r.joined);
+                left += u64::from(r.left);
                 settled_max = settled_max.max(r.settled_after_ticks);
             }
             Err(e) => {
@@ -48,12 +50,18 @@ fn seeds() {
     }
     eprintln!(
         "{n} seeds: {crashes} crashes, {partitions} partitions, {changes} ownership changes, \
-         {snapshots} snapshots installed, {joined} voters joined, whole again at most {settled_max} ticks after the heal"
+         {snapshots} snapshots installed, {joined} voters joined, {left} left again, whole again at most {settled_max} ticks after the heal"
     );
     assert!(failures.is_empty(), "failing seeds: {failures:?}");
     // The schedules must actually exercise the faults they claim to.
     assert!(
-        n < 20 || (crashes > 0 && partitions > 0 && changes > n && snapshots > 0 && joined > 0),
+        n < 20
+            || (crashes > 0
+                && partitions > 0
+                && changes > n
+                && snapshots > 0
+                && joined > 0
+                && left > 0),
         "too few faults"
     );
 }
@@ -114,6 +122,7 @@ fn quiet(seed: u64) -> SimOptions {
     opts.crash_after_apply_ppm = 0;
     opts.heal_ppm = 0;
     opts.join_at_tick = None;
+    opts.leave_after_ticks = None;
     // No scheduled heal inside the test's horizon.
     opts.fault_ticks = 10_000;
     opts

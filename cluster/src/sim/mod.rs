@@ -16,7 +16,8 @@
 //!   messages that wait on it are held until then.
 //!
 //! Every third seed also starts one storage node outside the voter set and
-//! has the leader add it by a conf change mid-run.
+//! has the leader add it by a conf change mid-run; half of those remove it
+//! again later.
 //!
 //! Then the network heals, crashed nodes restart, and within
 //! `settle_ticks` the cluster must have one leader that every node follows,
@@ -79,6 +80,8 @@ pub struct SimOptions {
     /// A storage node that starts outside the voter set and is added by a
     /// conf change proposed from this tick on (retried until it is in).
     pub join_at_tick: Option<u64>,
+    /// Then, this long after it is in, the leader removes it again.
+    pub leave_after_ticks: Option<u64>,
 }
 
 impl SimOptions {
@@ -111,6 +114,8 @@ impl SimOptions {
             snapshot_every: 3 + seed % 8,
             // Every third seed grows the cluster by one voter mid-run.
             join_at_tick: (seed % 3 == 2).then_some(20 + seed % 200),
+            // Half of those remove it again.
+            leave_after_ticks: (seed % 6 == 5).then_some(30 + seed % 100),
         }
     }
 }
@@ -134,6 +139,8 @@ pub struct SimReport {
     pub snapshots_installed: u64,
     /// The joiner ended the run as a voter on every node.
     pub joined: bool,
+    /// The joiner was removed again and no member counts it as a voter.
+    pub left: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -186,6 +193,8 @@ pub struct Sim {
     joiner: Option<NodeId>,
     /// Tick of the last AddVoter proposal for the joiner.
     join_proposed_at: Option<u64>,
+    /// When the leader was first seen with the joiner among its voters.
+    joined_at: Option<u64>,
 }
 
 fn genesis(opts: &SimOptions) -> ClusterState {
@@ -273,6 +282,7 @@ impl Sim {
                 ownership_changes: 0,
                 snapshots_installed: 0,
                 joined: false,
+                left: false,
             },
             opts,
             rng,
@@ -288,6 +298,7 @@ impl Sim {
             settled: None,
             joiner,
             join_proposed_at: None,
+            joined_at: None,
         }
     }
 
@@ -538,10 +549,16 @@ impl Sim {
     /// One leader every node follows, every group owned by a live storage
     /// node that may write, everyone caught up with what was committed.
     fn whole(&self, committed_before_heal: u64) -> bool {
-        let nodes: Vec<&Node<MemDir>> = self.slots.iter().filter_map(|s| s.node.as_ref()).collect();
-        if nodes.len() != self.slots.len() {
+        if self.slots.iter().any(|s| s.node.is_none()) {
             return false;
         }
+        let departed = self.departed();
+        let nodes: Vec<&Node<MemDir>> = self
+            .slots
+            .iter()
+            .filter(|s| Some(s.id) != departed)
+            .filter_map(|s| s.node.as_ref())
+            .collect();
         let leaders: Vec<&&Node<MemDir>> = nodes.iter().filter(|n| n.is_leader()).collect();
         let [leader] = leaders.as_slice() else {
             return false;
@@ -555,11 +572,12 @@ impl Sim {
         {
             return false;
         }
-        if self
-            .joiner
-            .is_some_and(|j| nodes.iter().any(|n| !n.voters().contains(&j)))
-        {
-            return false;
+        // The joiner is a voter on every member, or, once it left, on none.
+        if let Some(j) = self.joiner {
+            let want = departed.is_none();
+            if nodes.iter().any(|n| n.voters().contains(&j) != want) {
+                return false;
+            }
         }
         let state = leader.state();
         state.groups.values().all(|g| {
@@ -593,17 +611,33 @@ impl Sim {
         else {
             return Ok(());
         };
-        let slot = self.slot(leader);
-        let node = slot.node.as_mut().expect("found above");
-        if node.voters().contains(&j) {
-            return Ok(());
+        let leave_after = self.opts.leave_after_ticks;
+        let is_voter = self
+            .slot(leader)
+            .node
+            .as_ref()
+            .is_some_and(|n| n.voters().contains(&j));
+        if is_voter && self.joined_at.is_none() {
+            self.joined_at = Some(tick);
         }
-        let ok = node
-            .propose_membership(crate::node::Membership::AddVoter(j))
-            .is_ok();
+        let change = match (is_voter, self.joined_at, leave_after) {
+            (false, None, _) => crate::node::Membership::AddVoter(j),
+            (true, Some(t), Some(after)) if tick >= t + after => {
+                crate::node::Membership::RemoveVoter(j)
+            }
+            _ => return Ok(()),
+        };
+        let node = self.slot(leader).node.as_mut().expect("found above");
+        let ok = node.propose_membership(change).is_ok();
         self.join_proposed_at = Some(tick);
-        self.trace(&[11, leader, j, u64::from(ok)]);
+        self.trace(&[11, leader, j, u64::from(ok), u64::from(is_voter)]);
         self.drive(leader)
+    }
+
+    /// The joiner, once it has been removed again: it no longer counts as
+    /// a member of the cluster.
+    fn departed(&self) -> Option<NodeId> {
+        self.opts.leave_after_ticks.and(self.joiner)
     }
 
     /// Advances every node's clock by one step; the nodes whose clock
@@ -691,6 +725,12 @@ impl Sim {
             self.slots
                 .iter()
                 .all(|s| s.node.as_ref().is_some_and(|n| n.voters().contains(&j)))
+        });
+        r.left = self.departed().is_some_and(|j| {
+            self.slots
+                .iter()
+                .filter(|s| s.id != j)
+                .all(|s| s.node.as_ref().is_some_and(|n| !n.voters().contains(&j)))
         });
         Ok(r)
     }
