@@ -157,11 +157,14 @@ fn store_down_gives_nvme_errors_not_hangs_and_flushed_data_survives() {
     }
     let mut s3 = S3s::start(&s3_root, true);
     let (port, dport) = (free_port(), free_port());
+    // Read-ahead 4 MiB: the outage reads below must need the store, and
+    // the default window (32 MiB) would hold this whole 32 MiB device in
+    // the read-ahead cache after the verifying reads.
     let cfg = config(
         dir.path(),
         port,
         &format!(
-            "size = \"32MiB\"\nbuckets = [{}]\nstore_options = {}\nrequest_timeout_ms = 1000\nretry_budget_ms = 1500\n",
+            "size = \"32MiB\"\nbuckets = [{}]\nstore_options = {}\nrequest_timeout_ms = 1000\nretry_budget_ms = 1500\nreadahead = \"4MiB\"\n",
             (0..3)
                 .map(|k| format!("\"s3://strata-{k}/vol\""))
                 .collect::<Vec<_>>()
