@@ -53,12 +53,21 @@ impl QueuePair {
         if !deallocate || n == 0 {
             return self.send_cpl(NvmeCpl::success(cmd.cid()));
         }
+        let grp = self.channels[chan].anagrpid();
+        let word = self.fence_word(grp);
         let Some(slot) = self.alloc_slot(*cmd) else {
             return self.complete_err(cmd, Status::INTERNAL_ERROR);
         };
         let s = &mut self.slots[slot as usize];
         s.chan = chan;
         s.start_ns = self.now_ns;
+        s.grp = grp;
+        s.fence_word = word;
+        if let Err(st) = self.admit_write(slot) {
+            self.release_slot(slot);
+            return self.complete_err(cmd, st);
+        }
+        let s = &mut self.slots[slot as usize];
         s.state = SlotState::Executing;
         s.pending = n as u32;
         for &(slba, len) in &ranges[..n] {
