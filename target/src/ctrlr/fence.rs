@@ -161,10 +161,10 @@ struct LocalGroup {
 }
 
 pub(crate) struct FenceTable {
-    groups: Box<[GroupFence]>,
-    /// Moves at every change of any group: a queue reads it once per pass
-    /// and scans the groups only when it moved.
-    version: CachePadded,
+    /// What queues read: alone on a line, so the locks below (and the
+    /// rest of `Target`, whose config lock every admin command takes) never
+    /// share one with it.
+    hot: Hot,
     /// Serialises changes (the epoch check and the sequence increment).
     change: Mutex<()>,
     /// Serialises the ANA reconfiguration that follows a change, so the
@@ -176,7 +176,12 @@ pub(crate) struct FenceTable {
 }
 
 #[repr(align(128))]
-struct CachePadded(AtomicU64);
+struct Hot {
+    groups: Box<[GroupFence]>,
+    /// Moves at every change of any group: a queue reads it once per pass
+    /// and scans the groups only when it moved.
+    version: AtomicU64,
+}
 
 impl Default for FenceTable {
     fn default() -> Self {
@@ -190,8 +195,10 @@ impl Default for FenceTable {
             })
             .collect();
         Self {
-            groups,
-            version: CachePadded(AtomicU64::new(0)),
+            hot: Hot {
+                groups,
+                version: AtomicU64::new(0),
+            },
             change: Mutex::new(()),
             ana_apply: Mutex::new(()),
             queues: Mutex::new(Vec::new()),
@@ -206,13 +213,14 @@ impl FenceTable {
     /// configuration never admits one (`NamespaceConfig` validation).
     #[inline]
     pub(crate) fn word(&self, grp: u32) -> u64 {
-        self.groups
+        self.hot
+            .groups
             .get(grp as usize)
             .map_or(READ_OK | WRITE_OK, |g| g.word.load(Ordering::Acquire))
     }
 
     pub(crate) fn version(&self) -> u64 {
-        self.version.0.load(Ordering::Acquire)
+        self.hot.version.load(Ordering::Acquire)
     }
 
     /// The status a fenced command of `grp` is answered with: the ANA
@@ -221,6 +229,7 @@ impl FenceTable {
     /// Never DNR: a fenced write must be retried, never failed.
     pub(crate) fn fenced_status(&self, grp: u32) -> Status {
         let ana = self
+            .hot
             .groups
             .get(grp as usize)
             .and_then(|g| ana_from(g.ana.load(Ordering::Acquire)));
@@ -302,6 +311,7 @@ impl FenceTable {
         bits: u64,
     ) -> Result<FenceTicket, FenceError> {
         let g = self
+            .hot
             .groups
             .get(grp as usize)
             .filter(|_| grp != 0)
@@ -323,7 +333,7 @@ impl FenceTable {
             // SeqCst so the word is ordered before the version (which the
             // queues check per pass) for every observer.
             g.word.store(seq << SEQ_SHIFT | bits, Ordering::SeqCst);
-            self.version.0.fetch_add(1, Ordering::SeqCst);
+            self.hot.version.fetch_add(1, Ordering::SeqCst);
             FenceTicket {
                 anagrpid: grp,
                 epoch,
@@ -578,7 +588,7 @@ impl Target {
 
     /// The group's fencing state.
     pub fn group_fence(&self, anagrpid: u32) -> Option<FenceState> {
-        let g = self.fence.groups.get(anagrpid as usize)?;
+        let g = self.fence.hot.groups.get(anagrpid as usize)?;
         let w = g.word.load(Ordering::Acquire);
         Some(FenceState {
             epoch: g.epoch.load(Ordering::Acquire),
@@ -641,6 +651,7 @@ impl Target {
         let _a = lock(&self.fence.ana_apply);
         let Some(state) = self
             .fence
+            .hot
             .groups
             .get(anagrpid as usize)
             .and_then(|g| ana_from(g.ana.load(Ordering::Acquire)))

@@ -50,11 +50,16 @@ impl QueuePair {
             ranges[n] = (slba, len);
             n += 1;
         }
+        // Checked again here, not only when the capsule arrived: its data
+        // may have come in later reads, across a fence change.
+        let grp = self.channels[chan].anagrpid();
+        let word = self.fence_word(grp);
+        if !crate::ctrlr::writable(word) {
+            return self.complete_err(cmd, self.target.fence.fenced_status(grp));
+        }
         if !deallocate || n == 0 {
             return self.send_cpl(NvmeCpl::success(cmd.cid()));
         }
-        let grp = self.channels[chan].anagrpid();
-        let word = self.fence_word(grp);
         let Some(slot) = self.alloc_slot(*cmd) else {
             return self.complete_err(cmd, Status::INTERNAL_ERROR);
         };
