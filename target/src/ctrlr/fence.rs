@@ -567,9 +567,11 @@ impl Target {
     }
 
     /// The lease on `anagrpid` expired: from the moment this returns (its
-    /// first action is one atomic store) no read, write, Write Zeroes,
-    /// Deallocate or Flush of the group completes with success on this
-    /// node, and none more reaches a bdev. Fenced commands get ANA
+    /// first effect is one atomic store, under a lock only fence changes
+    /// take; the ANA reconfiguration comes after) no read, write, Write
+    /// Zeroes, Deallocate or Flush of the group is decided successful on
+    /// this node, and none more reaches a bdev. A response decided just
+    /// before the store may still leave in that reactor pass. Fenced commands get ANA
     /// Inaccessible (DNR clear), and the ports report the group
     /// Inaccessible, so hosts fail over and do not come back until a new
     /// [`Target::set_group_fence`] makes the group live again. The epoch
