@@ -71,6 +71,12 @@ pub enum IoError {
     Unavailable,
     /// Anything else (NVMe Internal Error).
     Internal,
+    /// The device refused the request because this node may no longer
+    /// write (or read) it: a fencing epoch moved or a lease expired (a
+    /// mirror whose peer holds a newer epoch, a store that refused a
+    /// conditional write). Answered with the ANA status of the namespace's
+    /// group, without DNR, so the host retries on another path.
+    Fenced,
 }
 
 #[derive(Debug)]

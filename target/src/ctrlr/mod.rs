@@ -32,6 +32,7 @@
 //!   controller reset or teardown drops them; the host aborts its own).
 
 mod admin;
+mod fence;
 mod target;
 #[cfg(test)]
 mod tests;
@@ -46,6 +47,8 @@ use crate::spec::{
     CONNECT_DATA_LEN, ConnectData, DISCOVERY_NQN, NvmeCmd, NvmeCpl, Status, admin_opc, fctype,
 };
 use crate::subsystem::{AnaState, TargetConfig};
+pub use fence::{FenceError, FenceState, FenceTicket, Outstanding, QueueName, QuiesceError};
+pub(crate) use fence::{FenceTable, LocalFence, readable, writable};
 use target::lock;
 pub use target::{CNTLID_MAX, CNTLID_MIN, Target};
 
@@ -113,6 +116,8 @@ pub struct IoNamespace {
     pub bdev: Arc<dyn Bdev>,
     /// ANA state of its group on this controller's port.
     pub ana_state: AnaState,
+    /// Its ANA group (effective ANAGRPID), whose fence the I/O path checks.
+    pub anagrpid: u32,
 }
 
 /// Asynchronous event kinds this controller reports, each a Notice.
@@ -731,6 +736,7 @@ impl Ctrlr {
                     nsid: ns.nsid,
                     bdev: ns.bdev.clone(),
                     ana_state,
+                    anagrpid: ns.effective_anagrpid(),
                 });
             }
         }

@@ -66,6 +66,8 @@ pub struct Target {
     pub(crate) ana_chgcnt: AtomicU64,
     /// Discovery log GENCTR.
     pub(crate) disc_genctr: AtomicU64,
+    /// Per-group fencing epochs and the queues' acknowledgements.
+    pub(crate) fence: super::FenceTable,
 }
 
 /// Poisoning only records that another thread panicked while holding the
@@ -81,6 +83,7 @@ impl Target {
             registry: Mutex::new(Registry::default()),
             ana_chgcnt: AtomicU64::new(1),
             disc_genctr: AtomicU64::new(1),
+            fence: super::FenceTable::default(),
         })
     }
 
@@ -102,7 +105,7 @@ impl Target {
         self.apply_locked(&mut reg, cfg);
     }
 
-    fn apply_locked(&self, reg: &mut Registry, cfg: TargetConfig) {
+    pub(super) fn apply_locked(&self, reg: &mut Registry, cfg: TargetConfig) {
         let new = Arc::new(cfg);
         let old = {
             let mut w = self.cfg.write().unwrap_or_else(|e| e.into_inner());

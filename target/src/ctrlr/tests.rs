@@ -1502,3 +1502,89 @@ fn no_panic_on_arbitrary_commands() {
         let _ = connect(&t, 1, &conn, &data, 0);
     }
 }
+
+// --------------------------------------------------------------- fencing
+
+#[test]
+fn group_fence_epochs_only_rise_and_name_real_groups() {
+    let t = Target::new(cfg());
+    let st = t.group_fence(2).unwrap();
+    // Without a cluster every group is open and the ports decide.
+    assert!(st.readable && st.writable);
+    assert_eq!((st.epoch, st.ana), (0, None));
+
+    let a = t.set_group_fence(2, 5, AnaState::Optimized).unwrap();
+    assert_eq!((a.anagrpid, a.epoch), (2, 5));
+    // The same epoch may change state (no ownership change); a lower one
+    // is a stale decision and changes nothing.
+    let b = t.set_group_fence(2, 5, AnaState::NonOptimized).unwrap();
+    assert!(b.seq > a.seq);
+    assert_eq!(
+        t.set_group_fence(2, 4, AnaState::Optimized),
+        Err(FenceError::StaleEpoch {
+            anagrpid: 2,
+            current: 5,
+            requested: 4
+        })
+    );
+    assert_eq!(t.group_fence(2).unwrap().seq, b.seq);
+    assert_eq!(t.group_fence(2).unwrap().ana, Some(AnaState::NonOptimized));
+    // A revoke keeps the epoch and moves the sequence.
+    let c = t.revoke_group_lease(2).unwrap();
+    assert_eq!(c.epoch, 5);
+    assert!(c.seq > b.seq);
+    let st = t.group_fence(2).unwrap();
+    assert!(!st.readable && !st.writable);
+
+    for g in [0, crate::subsystem::MAX_ANA_GROUPS + 1] {
+        assert_eq!(
+            t.set_group_fence(g, 1, AnaState::Optimized),
+            Err(FenceError::NoSuchGroup(g))
+        );
+        assert_eq!(t.revoke_group_lease(g), Err(FenceError::NoSuchGroup(g)));
+    }
+    // Other groups never moved.
+    assert_eq!(t.group_fence(1).unwrap().seq, 0);
+}
+
+#[test]
+fn a_group_fence_sets_the_ana_state_on_every_port_and_raises_ana_change() {
+    let t = Target::new(cfg());
+    let c1 = bring_up(&t, 1, SUB1, HOST1);
+    let c2 = bring_up(&t, 2, SUB1, HOST2);
+    assert!(matches!(aer(&c1, 1), AdminResult::Deferred));
+    assert!(matches!(aer(&c2, 1), AdminResult::Deferred));
+    t.set_group_fence(2, 1, AnaState::Inaccessible).unwrap();
+    for p in t.config().ports {
+        assert_eq!(
+            p.ana.get(&2),
+            Some(&AnaState::Inaccessible),
+            "port {}",
+            p.id
+        );
+    }
+    for c in [&c1, &c2] {
+        let ev = c.take_events();
+        assert_eq!(ev.len(), 1, "cntlid {}", c.cntlid());
+        assert_eq!(ev[0].dw0, AEN_ANA_CHANGE);
+        let (_, b) = get_log(c, lid::ANA, 0, false, 4096, 0);
+        assert_eq!(parse_ana(&b).1[1], (2, 0x03, vec![2]));
+    }
+    // Group 1 still reads Optimized.
+    let (_, b) = get_log(&c1, lid::ANA, 0, false, 4096, 0);
+    assert_eq!(parse_ana(&b).1[0], (1, 0x01, vec![1]));
+}
+
+#[test]
+fn a_barrier_with_no_io_queues_resolves_at_once() {
+    let t = Target::new(cfg());
+    let _c = bring_up(&t, 1, SUB1, HOST1);
+    let tk = t.set_group_fence(1, 1, AnaState::Change).unwrap();
+    assert!(t.quiesce_outstanding(tk).is_empty());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    rt.block_on(t.quiesce(tk, std::time::Duration::from_secs(30)))
+        .unwrap();
+}

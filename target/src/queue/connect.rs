@@ -87,6 +87,11 @@ impl QueuePair {
                     Connected::Io { ctrlr, qid, .. } => {
                         tracing::debug!(cntlid = ctrlr.cntlid(), qid, "I/O queue connected");
                         let view = ctrlr.io_view();
+                        self.fence = Some(self.target.fence.register(ctrlr::QueueName {
+                            subnqn: ctrlr.subnqn().to_owned(),
+                            cntlid: ctrlr.cntlid(),
+                            qid,
+                        }));
                         self.listener_stats.io_queues.fetch_add(1, Relaxed);
                         self.counted_queue = Some(true);
                         Role2::Io { ctrlr, qid, view }

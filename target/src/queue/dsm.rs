@@ -50,6 +50,13 @@ impl QueuePair {
             ranges[n] = (slba, len);
             n += 1;
         }
+        // Checked again here, not only when the capsule arrived: its data
+        // may have come in later reads, across a fence change.
+        let grp = self.channels[chan].anagrpid();
+        let word = self.fence_word(grp);
+        if !crate::ctrlr::writable(word) {
+            return self.complete_err(cmd, self.target.fence.fenced_status(grp));
+        }
         if !deallocate || n == 0 {
             return self.send_cpl(NvmeCpl::success(cmd.cid()));
         }
@@ -59,6 +66,13 @@ impl QueuePair {
         let s = &mut self.slots[slot as usize];
         s.chan = chan;
         s.start_ns = self.now_ns;
+        s.grp = grp;
+        s.fence_word = word;
+        if let Err(st) = self.admit_write(slot) {
+            self.release_slot(slot);
+            return self.complete_err(cmd, st);
+        }
+        let s = &mut self.slots[slot as usize];
         s.state = SlotState::Executing;
         s.pending = n as u32;
         for &(slba, len) in &ranges[..n] {

@@ -10,6 +10,13 @@
 //! Invariants:
 //! * A command reaches a bdev only after `check_io` accepted its opcode,
 //!   namespace, ANA state, LBA range and transfer length.
+//! * Fencing (`ctrlr::fence`): a write-class command (Write, Write Zeroes,
+//!   Dataset Management, Flush) reaches a bdev only if its group's fence
+//!   word is the one it was admitted under and writable, and completes
+//!   with success only if it still is when the bdev completes it; a read
+//!   needs the read bit when checked and when it completes. The fence is
+//!   one load of a line no queue writes; the in-flight counts it needs are
+//!   this queue's own (`LocalFence`).
 //! * A channel whose namespace left the view is retired, not dropped, until
 //!   its requests complete (the device may still write into their buffers).
 //! * `read_bytes_in_flight` counts exactly the reads in devices, so the
@@ -33,6 +40,8 @@ pub(super) struct NsChannel {
     ana_state: AnaState,
     /// Identity of the bdev, to notice a namespace swapped by a reload.
     bdev_id: usize,
+    /// The namespace's ANA group: whose fence its commands check.
+    anagrpid: u32,
     pub(super) chan: Box<dyn BdevChannel>,
     /// Still has I/O in flight but no longer serves new commands.
     retired: bool,
@@ -41,9 +50,24 @@ pub(super) struct NsChannel {
 }
 
 enum IoPlan {
-    Bdev { chan: usize, xfer: u32 },
+    Bdev {
+        chan: usize,
+        xfer: u32,
+        grp: u32,
+        /// The group's fence word at admission.
+        word: u64,
+    },
     Dsm,
     Disconnect,
+}
+
+/// Commands that change what the namespace holds (or, for Flush, vouch
+/// that it holds it): the ones a fence must stop.
+fn is_write_class(opc: u8) -> bool {
+    matches!(
+        opc,
+        io_opc::WRITE | io_opc::WRITE_ZEROES | io_opc::DATASET_MANAGEMENT | io_opc::FLUSH
+    )
 }
 
 fn io_error_status(e: IoError, opcode: u8) -> Status {
@@ -53,6 +77,9 @@ fn io_error_status(e: IoError, opcode: u8) -> Status {
         IoError::WriteFault => Status::WRITE_FAULT,
         // A transient path problem: the host may retry, or fail over.
         IoError::Unavailable => Status::NS_NOT_READY,
+        // Mapped to the group's ANA status by the caller, which knows the
+        // group; this is only the fallback (retryable, never DNR).
+        IoError::Fenced => Status::ANA_TRANSITION,
         IoError::Internal => {
             if opcode == io_opc::READ {
                 Status::UNRECOVERED_READ_ERROR
@@ -60,6 +87,12 @@ fn io_error_status(e: IoError, opcode: u8) -> Status {
                 Status::INTERNAL_ERROR
             }
         }
+    }
+}
+
+impl NsChannel {
+    pub(super) fn anagrpid(&self) -> u32 {
+        self.anagrpid
     }
 }
 
@@ -83,6 +116,7 @@ impl QueuePair {
             match view.get(ch.nsid) {
                 Some(ns) if Arc::as_ptr(&ns.bdev) as *const () as usize == ch.bdev_id => {
                     ch.ana_state = ns.ana_state;
+                    ch.anagrpid = ns.anagrpid;
                     let info = ns.bdev.info();
                     ch.num_blocks = info.num_blocks;
                 }
@@ -109,6 +143,7 @@ impl QueuePair {
         let info = ns.bdev.info().clone();
         let bdev_id = Arc::as_ptr(&ns.bdev) as *const () as usize;
         let ana_state = ns.ana_state;
+        let anagrpid = ns.anagrpid;
         let chan = ns.bdev.clone().open_channel().map_err(|e| {
             tracing::error!(nsid, error = %e, "cannot open bdev channel");
             Status::INTERNAL_ERROR
@@ -120,6 +155,7 @@ impl QueuePair {
             num_blocks: info.num_blocks,
             ana_state,
             bdev_id,
+            anagrpid,
             chan,
             retired: false,
             stats,
@@ -147,7 +183,12 @@ impl QueuePair {
                 self.close = Some(CloseReason::Disconnected("Disconnect command"));
                 self.stop_rx = true;
             }
-            Ok(IoPlan::Bdev { chan, xfer }) => {
+            Ok(IoPlan::Bdev {
+                chan,
+                xfer,
+                grp,
+                word,
+            }) => {
                 let Some(slot) = self.alloc_slot(cmd) else {
                     self.log_limit_once(
                         Limit::Slots,
@@ -169,6 +210,8 @@ impl QueuePair {
                 s.start_ns = self.now_ns;
                 s.buf = buf;
                 s.xfer_len = xfer;
+                s.grp = grp;
+                s.fence_word = word;
                 if cmd.opcode() == io_opc::WRITE {
                     if data_len > 0 {
                         s.state = SlotState::InCapsuleData;
@@ -221,15 +264,30 @@ impl QueuePair {
             return Err(Status::INVALID_NAMESPACE.dnr());
         }
         let chan = self.channel_for(nsid)?;
-        let ch = &self.channels[chan];
-        match ch.ana_state {
+        match self.channels[chan].ana_state {
             AnaState::Optimized | AnaState::NonOptimized => {}
             AnaState::Inaccessible => return Err(Status::ANA_INACCESSIBLE),
             AnaState::PersistentLoss => return Err(Status::ANA_PERSISTENT_LOSS),
             AnaState::Change => return Err(Status::ANA_TRANSITION),
         }
+        let grp = self.channels[chan].anagrpid;
+        let word = self.fence_word(grp);
+        let allowed = if is_write_class(opc) {
+            ctrlr::writable(word)
+        } else {
+            ctrlr::readable(word)
+        };
+        if !allowed {
+            return Err(self.target.fence.fenced_status(grp));
+        }
+        let ch = &self.channels[chan];
         match opc {
-            io_opc::FLUSH => Ok(IoPlan::Bdev { chan, xfer: 0 }),
+            io_opc::FLUSH => Ok(IoPlan::Bdev {
+                chan,
+                xfer: 0,
+                grp,
+                word,
+            }),
             io_opc::DATASET_MANAGEMENT => Ok(IoPlan::Dsm),
             _ => {
                 let nlb = u64::from(cmd.nlb());
@@ -241,7 +299,12 @@ impl QueuePair {
                     if nlb * u64::from(ch.block_size) > NvmLimits::TARGET.write_zeroes_bytes() {
                         return Err(Status::INVALID_FIELD.dnr());
                     }
-                    return Ok(IoPlan::Bdev { chan, xfer: 0 });
+                    return Ok(IoPlan::Bdev {
+                        chan,
+                        xfer: 0,
+                        grp,
+                        word,
+                    });
                 }
                 let xfer = nlb * u64::from(ch.block_size);
                 if xfer > u64::from(self.limits.mdts_bytes) {
@@ -261,12 +324,50 @@ impl QueuePair {
                 Ok(IoPlan::Bdev {
                     chan,
                     xfer: xfer as u32,
+                    grp,
+                    word,
                 })
             }
         }
     }
 
+    /// The group's fence word; observing it (for the barrier) if it moved.
+    #[inline]
+    pub(super) fn fence_word(&mut self, grp: u32) -> u64 {
+        match &mut self.fence {
+            Some(f) => f.load(&self.target.fence, grp),
+            None => self.target.fence.word(grp),
+        }
+    }
+
+    /// A write-class command goes into a bdev only under the fence it was
+    /// admitted under (its R2T data may have taken long enough for an
+    /// ownership change to pass). Counts it for the barrier if it goes.
+    #[inline]
+    pub(super) fn admit_write(&mut self, slot: u32) -> Result<(), Status> {
+        let (grp, word) = {
+            let s = &self.slots[slot as usize];
+            (s.grp, s.fence_word)
+        };
+        let now = self.fence_word(grp);
+        if now != word || !ctrlr::writable(now) {
+            return Err(self.target.fence.fenced_status(grp));
+        }
+        if let Some(f) = &mut self.fence {
+            f.write_submitted(grp);
+        }
+        self.slots[slot as usize].in_bdev_write = true;
+        Ok(())
+    }
+
     pub(super) fn submit_io(&mut self, slot: u32) {
+        if is_write_class(self.slots[slot as usize].cmd.opcode())
+            && let Err(st) = self.admit_write(slot)
+        {
+            let cmd = self.slots[slot as usize].cmd;
+            self.release_slot(slot);
+            return self.complete_err(&cmd, st);
+        }
         let s = &mut self.slots[slot as usize];
         let cmd = s.cmd;
         let ch = &mut self.channels[s.chan];
@@ -315,6 +416,9 @@ impl QueuePair {
     /// queue. Registers `cx` with every source that has nothing ready.
     pub fn poll_completions(&mut self, cx: &mut Context<'_>) -> bool {
         let mut progress = false;
+        if let Some(f) = &mut self.fence {
+            f.poll(&self.target.fence, cx.waker());
+        }
         let mut done = std::mem::take(&mut self.completions);
         for c in &mut self.channels {
             if let Poll::Ready(()) = c.chan.poll_completions(cx, &mut done) {
@@ -348,6 +452,30 @@ impl QueuePair {
         progress
     }
 
+    /// Success stands only if the fence still allows it: for a write, the
+    /// word it was submitted under, still writable (it may have reached the
+    /// medium, but this node can no longer vouch for it: the host retries
+    /// it on the new owner, and the barrier waited for it); for a read, the
+    /// read bit.
+    fn fence_completion(&mut self, tag: u32) {
+        let s = &mut self.slots[tag as usize];
+        let (grp, word, opc) = (s.grp, s.fence_word, s.cmd.opcode());
+        let was_write = std::mem::take(&mut s.in_bdev_write);
+        let now = self.fence_word(grp);
+        if was_write && let Some(f) = &mut self.fence {
+            f.write_done(&self.target.fence, grp, word);
+        }
+        let allowed = if was_write {
+            now == word && ctrlr::writable(now)
+        } else {
+            opc != io_opc::READ || ctrlr::readable(now)
+        };
+        let s = &mut self.slots[tag as usize];
+        if !allowed && s.status.is_success() {
+            s.status = self.target.fence.fenced_status(grp);
+        }
+    }
+
     fn on_bdev_completion(&mut self, c: BdevCompletion) {
         let Some(s) = self.slots.get_mut(c.tag as usize) else {
             tracing::error!(tag = c.tag, "completion for unknown slot");
@@ -356,13 +484,17 @@ impl QueuePair {
         if let Some(b) = c.buf {
             s.buf = Some(b);
         }
-        if let Err(e) = c.result {
-            s.status = io_error_status(e, s.cmd.opcode());
+        match c.result {
+            Ok(()) => {}
+            Err(IoError::Fenced) => s.status = self.target.fence.fenced_status(s.grp),
+            Err(e) => s.status = io_error_status(e, s.cmd.opcode()),
         }
         s.pending = s.pending.saturating_sub(1);
         if s.pending > 0 {
             return;
         }
+        self.fence_completion(c.tag);
+        let s = &mut self.slots[c.tag as usize];
         let cmd = s.cmd;
         let status = s.status;
         let kind = match cmd.opcode() {

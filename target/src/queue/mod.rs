@@ -138,6 +138,12 @@ struct Slot {
     /// When the capsule arrived, on the driver's clock (the latency
     /// histogram runs from here).
     start_ns: u64,
+    /// The ANA group of the command's namespace.
+    grp: u32,
+    /// The group's fence word the command was admitted under.
+    fence_word: u64,
+    /// A write-class command inside a bdev, counted in `fence`.
+    in_bdev_write: bool,
 }
 
 impl Slot {
@@ -154,6 +160,9 @@ impl Slot {
             r2t_held: 0,
             r2t_ms: 0,
             start_ns: 0,
+            grp: 0,
+            fence_word: 0,
+            in_bdev_write: false,
         }
     }
 }
@@ -274,6 +283,9 @@ pub struct QueuePair {
     /// Counted in `listener_stats` as a live admin (false) or I/O (true)
     /// queue, until `on_disconnect`.
     counted_queue: Option<bool>,
+    /// An I/O queue's fencing counters and what it publishes for the
+    /// quiesce barrier (`ctrlr::fence`).
+    fence: Option<ctrlr::LocalFence>,
 }
 
 impl QueuePair {
@@ -319,6 +331,7 @@ impl QueuePair {
             done_ns: 0,
             listener_stats: stats::registry().listener(port_id, ""),
             counted_queue: None,
+            fence: None,
         }
     }
 
@@ -443,6 +456,7 @@ impl QueuePair {
         s.pending = 0;
         s.status = Status::SUCCESS;
         s.r2t_held = 0;
+        s.in_bdev_write = false;
         // Marked busy at once: the caller sets the real state.
         s.state = SlotState::Executing;
         self.slots_busy += 1;
@@ -600,6 +614,11 @@ impl QueuePair {
 impl Drop for QueuePair {
     fn drop(&mut self) {
         self.on_disconnect();
+        // After the driver's drain, so the slot leaves the barrier only
+        // once nothing this queue submitted can still land.
+        if let Some(f) = self.fence.take() {
+            self.target.fence.unregister(&f);
+        }
     }
 }
 

@@ -19,6 +19,7 @@ use std::task::Waker;
 mod connect;
 mod dispatch;
 mod dsm;
+mod fence;
 mod io;
 mod lifecycle;
 mod r2t;
