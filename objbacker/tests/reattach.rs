@@ -11,10 +11,19 @@ use strata_objbacker::{FaultConfig, FormatOptions, Latency, ObjBacker, ObjError}
 
 const OBJ: u64 = MIB;
 
-fn urls(root: &std::path::Path) -> Vec<String> {
-    (0..2)
+/// A device of 4 objects on two fresh `file://` buckets under `root`.
+async fn formatted(root: &std::path::Path) -> strata_objbacker::ObjBackerConfig {
+    let urls = (0..2)
         .map(|k| format!("file://{}/bucket-{k}", root.display()))
-        .collect()
+        .collect();
+    let cfg = test_cfg(urls, 4 * OBJ, OBJ);
+    for u in &cfg.buckets {
+        std::fs::create_dir_all(u.strip_prefix("file://").unwrap()).unwrap();
+    }
+    strata_objbacker::format(&cfg, FormatOptions::default())
+        .await
+        .unwrap();
+    cfg
 }
 
 /// Before the attach waited, the second device's LIST ran while the first
@@ -24,13 +33,7 @@ fn urls(root: &std::path::Path) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trim_after_reattach_deletes_what_the_dropped_device_was_still_putting() {
     let root = tempfile::tempdir().unwrap();
-    let mut cfg = test_cfg(urls(root.path()), 4 * OBJ, OBJ);
-    for u in &cfg.buckets {
-        std::fs::create_dir_all(u.strip_prefix("file://").unwrap()).unwrap();
-    }
-    strata_objbacker::format(&cfg, FormatOptions::default())
-        .await
-        .unwrap();
+    let mut cfg = formatted(root.path()).await;
 
     let mut slow = cfg.clone();
     slow.fault = Some(FaultConfig {
@@ -72,13 +75,7 @@ async fn trim_after_reattach_deletes_what_the_dropped_device_was_still_putting()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attach_is_refused_while_an_earlier_device_holds_the_buckets() {
     let root = tempfile::tempdir().unwrap();
-    let mut cfg = test_cfg(urls(root.path()), 4 * OBJ, OBJ);
-    for u in &cfg.buckets {
-        std::fs::create_dir_all(u.strip_prefix("file://").unwrap()).unwrap();
-    }
-    strata_objbacker::format(&cfg, FormatOptions::default())
-        .await
-        .unwrap();
+    let mut cfg = formatted(root.path()).await;
     let _first = ObjBacker::attach(cfg.clone()).await.unwrap();
     cfg.request_timeout = Duration::from_millis(100);
     cfg.retry_budget = Duration::from_millis(100);
@@ -88,13 +85,7 @@ async fn attach_is_refused_while_an_earlier_device_holds_the_buckets() {
     assert!(e.to_string().contains("bucket-0"), "{e}");
     // A different directory is not held.
     let other = tempfile::tempdir().unwrap();
-    let mut cfg2 = test_cfg(urls(other.path()), 4 * OBJ, OBJ);
+    let mut cfg2 = formatted(other.path()).await;
     cfg2.name = "other".into();
-    for u in &cfg2.buckets {
-        std::fs::create_dir_all(u.strip_prefix("file://").unwrap()).unwrap();
-    }
-    strata_objbacker::format(&cfg2, FormatOptions::default())
-        .await
-        .unwrap();
     ObjBacker::attach(cfg2).await.unwrap();
 }

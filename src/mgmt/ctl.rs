@@ -110,6 +110,9 @@ enum SubsystemCmd {
     },
 }
 
+// One value per process, parsed once from argv: the size of the largest
+// variant costs nothing, and boxing it would only obscure the clap derive.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum NsCmd {
     /// Add a namespace: one of --ram SIZE, --file PATH, --objbacker.
