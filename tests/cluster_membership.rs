@@ -302,3 +302,53 @@ fn members_join_fail_over_rejoin_and_leave() {
     assert!(e.contains("last storage node"), "{e}");
     assert_eq!(member_ids(&a.status()), [1]);
 }
+
+/// `strata serve` with cluster flags that cannot work exits at once and
+/// says why.
+#[test]
+fn cluster_flags_are_checked_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let open = root.join("open.token");
+    std::fs::write(&open, "0123456789abcdef-cluster-token").unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let serve = |args: &[&str]| -> (Option<i32>, String) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_strata"));
+        cmd.arg("serve")
+            .args(args)
+            .env("STRATA_DATA_DIR", root.join("data"))
+            .env("STRATA_STATE_DIR", root.join("state"))
+            .env("STRATA_RUNTIME_DIR", root.join("run"));
+        let o = support::output_within(guard_command(&mut cmd), Duration::from_secs(20));
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (code, e) = serve(&["--witness"]);
+    assert_eq!(code, Some(1), "{e}");
+    assert!(e.contains("--witness needs --cluster-addr"), "{e}");
+    let (code, e) = serve(&["--cluster-addr", &addr]);
+    assert_eq!(code, Some(1), "{e}");
+    assert!(e.contains("needs --cluster-token-file"), "{e}");
+    let (code, e) = serve(&[
+        "--cluster-addr",
+        &addr,
+        "--cluster-token-file",
+        open.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(1), "{e}");
+    assert!(e.contains("chmod 600"), "{e}");
+    // The embedded default serves two namespaces: not on a witness.
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, e) = serve(&[
+        "--cluster-addr",
+        &addr,
+        "--cluster-token-file",
+        open.to_str().unwrap(),
+        "--witness",
+    ]);
+    assert_eq!(code, Some(1), "{e}");
+    assert!(e.contains("a witness serves none"), "{e}");
+}

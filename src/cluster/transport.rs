@@ -266,3 +266,102 @@ async fn run_peer(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_call_without_the_token_is_refused_and_counted() {
+        let counters = Arc::new(Counters::default());
+        let mut check = TokenCheck {
+            want: "0123456789abcdef".into(),
+            counters: counters.clone(),
+        };
+        assert!(check.call(authed((), "0123456789abcdef")).is_ok());
+        let e = check.call(Request::new(())).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        assert!(e.message().contains("--cluster-token-file"), "{e}");
+        let e = check.call(authed((), "0123456789abcdeX")).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        assert_eq!(counters.refused_calls.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn a_failed_call_reports_the_peer_unreachable_and_its_snapshot_undelivered() {
+        rt().block_on(async {
+            let counters = Arc::new(Counters::default());
+            let (reports, mut rx) = mpsc::channel(REPORT_QUEUE_TEST);
+            let me = Sender {
+                id: 1,
+                addr: "127.0.0.1:1".into(),
+                token: "0123456789abcdef".into(),
+                counters: counters.clone(),
+                reports,
+            };
+            // Port 1 on loopback: nothing listens, every call fails.
+            let p = Peer::start(2, "127.0.0.1:1".into(), me);
+            p.push(vec![1], true, &counters);
+            let mut got = Vec::new();
+            while got.len() < 2 {
+                let r = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                    .await
+                    .expect("reports within 10 s");
+                got.push(r.unwrap());
+            }
+            assert!(
+                matches!(
+                    got[0],
+                    Report::Snapshot {
+                        to: 2,
+                        delivered: false
+                    }
+                ),
+                "{got:?}"
+            );
+            assert!(matches!(got[1], Report::Unreachable(2)), "{got:?}");
+            assert!(!p.reachable());
+        });
+    }
+
+    const REPORT_QUEUE_TEST: usize = 16;
+
+    #[test]
+    fn push_is_bounded() {
+        rt().block_on(async {
+            let counters = Arc::new(Counters::default());
+            let (reports, _rx) = mpsc::channel(1);
+            let me = Sender {
+                id: 1,
+                addr: "127.0.0.1:1".into(),
+                token: "0123456789abcdef".into(),
+                counters: counters.clone(),
+                reports,
+            };
+            let p = Peer::start(2, "127.0.0.1:1".into(), me);
+            // On a current-thread runtime the sender task does not run
+            // until this one yields, so every push lands in the queue.
+            for i in 0..(PEER_QUEUE_CAP + 7) {
+                p.push(vec![(i % 251) as u8], false, &counters);
+            }
+            let q = lock(&p.queue);
+            assert_eq!(q.msgs.len(), PEER_QUEUE_CAP);
+            assert_eq!(counters.dropped_out.load(Ordering::Relaxed), 7);
+            // The oldest went: the first left is the 8th pushed.
+            assert_eq!(q.msgs.front().unwrap().0, vec![7u8]);
+        });
+    }
+
+    #[test]
+    fn a_bad_address_is_an_error_naming_the_fix() {
+        let e = client("not an address", CALL_TIMEOUT).unwrap_err();
+        assert!(e.contains("ip:port"), "{e}");
+    }
+}
