@@ -290,6 +290,18 @@ fn members_join_fail_over_rejoin_and_leave() {
     assert_eq!(member_ids(&a.status()), [1, 2, 3]);
     drop(x);
 
+    // A join the replicated state machine refuses says why, at once.
+    let mut y = Member::new(root, "y", false, &token);
+    y.start();
+    let long = "n".repeat(300);
+    let e = refused(&y.dir, &["cluster", "join", &a.addr(), "--name", &long], 7);
+    assert!(
+        e.contains("refused by the cluster state") && e.contains("at most 256"),
+        "{e}"
+    );
+    assert_eq!(member_ids(&a.status()), [1, 2, 3]);
+    drop(y);
+
     // Leave: the witness, then storage node b; a, the last storage node,
     // may not.
     ok(&w.dir, &["cluster", "leave"]);

@@ -29,6 +29,8 @@ pub const MEMBER_FILE: &str = "member.json";
 /// Every member starts from this voter set and an empty state (see
 /// `Node::join`); the first entries the first node commits add it.
 pub const GENESIS_VOTERS: &[NodeId] = &[1];
+/// Refused commands kept for whoever waits on them.
+const MAX_REFUSED: usize = 16;
 /// Most addresses learned from the network that the applied state does not
 /// confirm, so a token holder sending made-up ids cannot grow it.
 const MAX_BOOK: usize = 64;
@@ -78,6 +80,9 @@ pub struct Snapshot {
     /// Why the driver stopped (a disk error): the node takes no part in the
     /// cluster until restarted.
     pub fatal: Option<String>,
+    /// The last committed commands the state machine refused: (index,
+    /// entry payload, why), so a waiter learns why instead of timing out.
+    pub refused: Vec<(u64, Vec<u8>, String)>,
 }
 
 impl Snapshot {
@@ -108,6 +113,7 @@ pub struct Driver {
     reports: mpsc::Receiver<Report>,
     published: watch::Sender<Arc<Snapshot>>,
     fatal: Option<String>,
+    refused: std::collections::VecDeque<(u64, Vec<u8>, String)>,
 }
 
 fn seed() -> u64 {
@@ -145,6 +151,7 @@ impl Driver {
             reports,
             published,
             fatal: None,
+            refused: Default::default(),
         };
         let member = dir.join(MEMBER_FILE);
         if member.exists() {
@@ -321,6 +328,14 @@ impl Driver {
                     .map_err(|e| format!("persist: {e}"))?;
             }
             self.send(rd.after_persist);
+            for a in rd.applied {
+                if let Err(e) = a.result {
+                    if self.refused.len() >= MAX_REFUSED {
+                        self.refused.pop_front();
+                    }
+                    self.refused.push_back((a.index, a.data, e.to_string()));
+                }
+            }
         }
     }
 
@@ -394,6 +409,7 @@ impl Driver {
                     .map(|(id, p)| (*id, p.reachable()))
                     .collect(),
                 fatal: None,
+                refused: self.refused.iter().cloned().collect(),
             },
             None => Snapshot {
                 fatal: self.fatal.clone(),

@@ -268,16 +268,18 @@ impl Cluster {
         } else {
             name
         };
-        self.propose(Command::AddNode {
-            id: 1,
-            name,
-            raft_addr: self.inner.addr.clone(),
-            listeners: self.listeners(listeners),
-            role: self.role(),
-        })
+        self.propose_until(
+            Command::AddNode {
+                id: 1,
+                name,
+                raft_addr: self.inner.addr.clone(),
+                listeners: self.listeners(listeners),
+                role: self.role(),
+            },
+            "adding this node",
+            |s| s.state.nodes.contains_key(&1),
+        )
         .await?;
-        self.wait("adding this node", |s| s.state.nodes.contains_key(&1))
-            .await?;
         Ok(self.snapshot())
     }
 
@@ -293,8 +295,31 @@ impl Cluster {
         if self.inner.witness { Vec::new() } else { l }
     }
 
-    async fn propose(&self, c: Command) -> Result<(), Status> {
-        self.cmd(|tx| Cmd::Propose(c, tx)).await
+    /// Proposes `c` and waits until `done` holds, or the state machine
+    /// refused `c` (an error saying why), or the timeout.
+    async fn propose_until(
+        &self,
+        c: Command,
+        what: &str,
+        done: impl Fn(&Snapshot) -> bool,
+    ) -> Result<(), Status> {
+        let data = c.encode();
+        let after = self.snapshot().applied;
+        let refusal = |s: &Snapshot| {
+            s.refused
+                .iter()
+                .find(|(i, d, _)| *i > after && *d == data)
+                .map(|(_, _, e)| e.clone())
+        };
+        self.cmd(|tx| Cmd::Propose(c, tx)).await?;
+        self.wait(what, |s| done(s) || refusal(s).is_some()).await?;
+        let s = self.snapshot();
+        match refusal(&s) {
+            Some(e) if !done(&s) => Err(Status::failed_precondition(format!(
+                "{what}: refused by the cluster state: {e}"
+            ))),
+            _ => Ok(()),
+        }
     }
 
     async fn membership(&self, m: Membership) -> Result<(), Status> {
@@ -454,16 +479,18 @@ impl Cluster {
                     Role::Storage
                 };
                 tracing::info!(id, %name, addr = %r.raft_addr, ?role, "adding a cluster member");
-                self.propose(Command::AddNode {
-                    id,
-                    name,
-                    raft_addr: r.raft_addr,
-                    listeners: r.listeners,
-                    role,
-                })
+                self.propose_until(
+                    Command::AddNode {
+                        id,
+                        name,
+                        raft_addr: r.raft_addr,
+                        listeners: r.listeners,
+                        role,
+                    },
+                    "adding the node",
+                    |s| s.state.nodes.contains_key(&id),
+                )
                 .await?;
-                self.wait("adding the node", |s| s.state.nodes.contains_key(&id))
-                    .await?;
                 id
             }
         };
@@ -527,9 +554,10 @@ impl Cluster {
                 )));
             }
             tracing::info!(id, "removing a cluster member");
-            self.propose(Command::RemoveNode { id }).await?;
-            self.wait("removing the node", |s| !s.state.nodes.contains_key(&id))
-                .await?;
+            self.propose_until(Command::RemoveNode { id }, "removing the node", |s| {
+                !s.state.nodes.contains_key(&id)
+            })
+            .await?;
         }
         if s.voters.contains(&id) {
             if s.voters.len() == 1 {
