@@ -439,3 +439,97 @@ fn replace_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::transport::Counters;
+
+    struct Ends {
+        _cmds: mpsc::Sender<Cmd>,
+        _inbound: mpsc::Sender<Inbound>,
+        _reports: mpsc::Sender<Report>,
+        snap: watch::Receiver<Arc<Snapshot>>,
+    }
+
+    fn open(dir: &Path) -> (anyhow::Result<Driver>, Ends) {
+        let (rtx, rrx) = mpsc::channel(4);
+        let me = Sender {
+            id: 0,
+            addr: "127.0.0.1:1".into(),
+            token: "0123456789abcdef".into(),
+            counters: Arc::new(Counters::default()),
+            reports: rtx.clone(),
+        };
+        let (ctx, crx) = mpsc::channel(4);
+        let (itx, irx) = mpsc::channel(4);
+        let (stx, srx) = watch::channel(Arc::new(Snapshot::default()));
+        let d = Driver::open(dir, me, crx, irx, rrx, stx);
+        let ends = Ends {
+            _cmds: ctx,
+            _inbound: itx,
+            _reports: rtx,
+            snap: srx,
+        };
+        (d, ends)
+    }
+
+    #[test]
+    fn a_member_restarts_from_its_directory_and_a_broken_member_file_names_the_fix() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("cluster");
+        let (d, ends) = open(&dir);
+        let mut d = d.unwrap();
+        assert_eq!(ends.snap.borrow().id, 0);
+        let (tx, mut rx) = oneshot::channel();
+        d.on_cmd(Cmd::Bootstrap(tx));
+        rx.try_recv().unwrap().unwrap();
+        // A second bootstrap of the same directory is refused.
+        let (tx, mut rx) = oneshot::channel();
+        d.on_cmd(Cmd::Bootstrap(tx));
+        assert!(rx.try_recv().unwrap().is_err());
+        drop(d);
+        drop(ends);
+
+        let (d, ends) = open(&dir);
+        let d = d.unwrap();
+        assert_eq!(ends.snap.borrow().id, 1, "restarted as node 1");
+        assert_eq!(d.me.id, 1);
+        drop(d);
+
+        std::fs::write(dir.join(MEMBER_FILE), b"{not json").unwrap();
+        let (d, _ends) = open(&dir);
+        let e = d
+            .err()
+            .expect("a broken member file is an error")
+            .to_string();
+        assert!(e.contains("fix:"), "{e}");
+    }
+
+    #[test]
+    fn forget_removes_the_log() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("cluster");
+        let (d, _ends) = open(&dir);
+        let mut d = d.unwrap();
+        let (tx, mut rx) = oneshot::channel();
+        d.on_cmd(Cmd::Bootstrap(tx));
+        rx.try_recv().unwrap().unwrap();
+        assert!(dir.join(MEMBER_FILE).exists());
+        let (tx, mut rx) = oneshot::channel();
+        d.on_cmd(Cmd::Forget(tx));
+        rx.try_recv().unwrap().unwrap();
+        assert!(!dir.exists());
+        assert!(d.node.is_none());
+    }
+}
