@@ -9,7 +9,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
-        .compile_protos(&["proto/strata/mgmt/v1/mgmt.proto"], &["proto"])?;
+        .compile_protos(
+            &[
+                "proto/strata/mgmt/v1/mgmt.proto",
+                "proto/strata/cluster/v1/raft.proto",
+            ],
+            &["proto"],
+        )?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

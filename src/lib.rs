@@ -2,6 +2,7 @@
 //! owns the running state, and `strata serve`. The binary (`main.rs`) and a
 //! future management API use the same types.
 
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod logging;

@@ -68,6 +68,17 @@ enum Cmd {
         /// default. Overrides `[metrics] addr` in the config.
         #[arg(long)]
         metrics_addr: Option<SocketAddr>,
+        /// Take part in a cluster: the Raft transport listens here (see
+        /// `strata ctl cluster`); needs --cluster-token-file.
+        #[arg(long, value_name = "IP:PORT")]
+        cluster_addr: Option<SocketAddr>,
+        /// The token every cluster member shares, in a file of mode 0600.
+        #[arg(long)]
+        cluster_token_file: Option<PathBuf>,
+        /// A cluster voter that stores no data and serves no namespaces:
+        /// lets two storage nodes keep a quorum when one dies.
+        #[arg(long)]
+        witness: bool,
     },
     /// Change a running `strata serve`: subsystems, namespaces, listeners,
     /// hosts, ANA, controllers (see docs/MANAGEMENT.md).
@@ -93,6 +104,9 @@ fn main() {
             mgmt_addr,
             mgmt_token_file,
             metrics_addr,
+            cluster_addr,
+            cluster_token_file,
+            witness,
         } => serve::run(serve::ServeArgs {
             config,
             listen,
@@ -104,6 +118,9 @@ fn main() {
             mgmt_addr,
             mgmt_token_file,
             metrics_addr,
+            cluster_addr,
+            cluster_token_file,
+            witness,
         }),
         Cmd::Ctl(args) => match strata::mgmt::ctl::run(args) {
             Ok(()) => Ok(()),

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use strata_target::transport::TransportConfig;
 
+use crate::cluster::{Cluster, ClusterConfig};
 use crate::config::ServeConfig;
 use crate::control::{
     ControlHandle, ControlOptions, ControlPlane, DEFAULT_DRAIN_TIMEOUT, DISCOVERY_PORT_ID,
@@ -35,6 +36,12 @@ pub struct ServeArgs {
     pub mgmt_token_file: Option<PathBuf>,
     /// The Prometheus endpoint's address (overrides `[metrics] addr`).
     pub metrics_addr: Option<SocketAddr>,
+    /// Take part in a cluster: the Raft transport's address.
+    pub cluster_addr: Option<SocketAddr>,
+    /// The shared cluster token (mode 0600), needed with `cluster_addr`.
+    pub cluster_token_file: Option<PathBuf>,
+    /// A cluster voter that stores no data and serves no namespaces.
+    pub witness: bool,
 }
 
 /// The config file (or the embedded default) with the command-line
@@ -132,6 +139,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         ),
         (None, _) => None,
     };
+    let cluster_cfg = cluster_config(&args, &state_dir, &cfg)?;
     let mut tc = TransportConfig::default();
     cfg.limits.apply(&mut tc);
     if let Some(r) = cfg.reactors {
@@ -174,6 +182,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         // Bound before anything starts, so a second strata serve on the
         // same socket fails here, having changed nothing.
         let mgmt_listener = bind_unix(&socket)?;
+        let cluster = cluster_cfg.map(Cluster::start).transpose()?;
         let (cp, handle) = ControlPlane::start(cfg.clone(), opts).await?;
         if seeded {
             save_seed(&state_dir, &text)?;
@@ -184,14 +193,14 @@ pub fn run(args: ServeArgs) -> Result<()> {
         };
         let mut mgmt = vec![tokio::spawn(serve_unix(
             mgmt_listener,
-            Service::new(handle.clone(), reactors),
+            Service::new(handle.clone(), reactors).with_cluster(cluster.clone()),
             stopped(mgmt_stopped.clone()),
         ))];
         if let (Some(addr), Some(token)) = (args.mgmt_addr, token) {
             mgmt.push(tokio::spawn(serve_tcp(
                 addr,
                 token,
-                Service::new(handle.clone(), reactors),
+                Service::new(handle.clone(), reactors).with_cluster(cluster.clone()),
                 stopped(mgmt_stopped.clone()),
             )));
             tracing::info!(%addr, "management API on TCP (bearer token)");
@@ -233,6 +242,45 @@ pub fn run(args: ServeArgs) -> Result<()> {
     r?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The cluster flags, checked: a token with the address, and a witness
+/// that has nothing to serve.
+fn cluster_config(
+    args: &ServeArgs,
+    state_dir: &std::path::Path,
+    cfg: &ServeConfig,
+) -> Result<Option<ClusterConfig>> {
+    let Some(addr) = args.cluster_addr else {
+        if args.witness {
+            anyhow::bail!("--witness needs --cluster-addr: a witness is a cluster voter");
+        }
+        if args.cluster_token_file.is_some() {
+            anyhow::bail!("--cluster-token-file needs --cluster-addr");
+        }
+        return Ok(None);
+    };
+    let Some(f) = &args.cluster_token_file else {
+        anyhow::bail!(
+            "--cluster-addr {addr} needs --cluster-token-file: the cluster port is never open without a token"
+        );
+    };
+    let token = read_token(f)?;
+    if args.witness {
+        let namespaces: usize = cfg.subsystems.iter().map(|s| s.namespaces.len()).sum();
+        if namespaces > 0 {
+            anyhow::bail!(
+                "--witness: {} defines {namespaces} namespace(s), and a witness serves none; fix: give --config a file without namespaces",
+                cfg.source
+            );
+        }
+    }
+    Ok(Some(ClusterConfig {
+        addr,
+        token,
+        witness: args.witness,
+        dir: state_dir.join("cluster"),
+    }))
 }
 
 async fn reload(args: ServeArgs, state_dir: PathBuf, handle: ControlHandle) {

@@ -117,6 +117,16 @@ pub struct Outgoing {
     pub bytes: Vec<u8>,
 }
 
+impl Outgoing {
+    /// Whether this carries a snapshot, whose delivery the transport
+    /// reports with [`Node::report_snapshot`].
+    pub fn is_snapshot(&self) -> bool {
+        self.bytes.first() == Some(&TAG_RAFT)
+            && matches!(Wire::decode(&self.bytes), Ok(Wire::Raft(m))
+                if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot)
+    }
+}
+
 /// What one Ready asks to make durable.
 #[derive(Clone, Debug, Default)]
 pub struct Persist {
@@ -352,6 +362,34 @@ impl<D: Dir> Node<D> {
 
     pub fn is_leader(&self) -> bool {
         self.raw.raft.state == StateRole::Leader
+    }
+
+    /// The Raft role, as `strata ctl cluster status` names it.
+    pub fn role_name(&self) -> &'static str {
+        match self.raw.raft.state {
+            StateRole::Leader => "leader",
+            StateRole::Follower => "follower",
+            StateRole::Candidate => "candidate",
+            StateRole::PreCandidate => "pre-candidate",
+        }
+    }
+
+    /// The transport could not deliver to `to`: the leader stops
+    /// pipelining appends to it and probes instead, until it answers.
+    pub fn report_unreachable(&mut self, to: NodeId) {
+        self.raw.report_unreachable(to);
+    }
+
+    /// Asks this leader to hand leadership to the voter `to` (which
+    /// campaigns at once once its log is caught up). A leader about to
+    /// remove itself does this first: a leader that removes itself steps
+    /// down possibly before the others learned that the removal committed,
+    /// and a lone remaining voter that did not learn it would wait for the
+    /// removed one's vote forever.
+    pub fn transfer_leader(&mut self, to: NodeId) {
+        if self.is_leader() && to != self.cfg.id {
+            self.raw.transfer_leader(to);
+        }
     }
 
     /// The leader this node believes in, if any.

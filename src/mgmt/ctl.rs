@@ -13,6 +13,7 @@
 //! | 6 | already exists |
 //! | 7 | refused by the running state (in use, cannot resize, …) |
 //! | 8 | not authenticated (TCP: missing or wrong token) |
+//! | 9 | timed out waiting for a cluster change to be applied (it may still commit) |
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -75,11 +76,37 @@ enum CtlCmd {
     /// Connected host controllers.
     #[command(subcommand)]
     Ctrl(CtrlCmd),
+    /// The cluster (`strata serve --cluster-addr`): init, join, leave, status.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
     /// Print (or write) the running state as a TOML config file.
     SaveConfig {
         #[arg(long, short)]
         output: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCmd {
+    /// Start a new one-node cluster on this node.
+    Init {
+        /// This node's name in the cluster [default: node-<id>].
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Join the cluster that a member at ADDR (its --cluster-addr) is in,
+    /// as a voter.
+    Join {
+        #[arg(value_name = "MEMBER_ADDR")]
+        member: String,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Leave the cluster (refused for its last storage node); this node's
+    /// cluster log is deleted.
+    Leave,
+    /// Members, leader, term, commit and applied index, ANA groups.
+    Status,
 }
 
 #[derive(Subcommand, Debug)]
@@ -248,9 +275,11 @@ fn from_status(s: tonic::Status) -> CtlError {
         C::AlreadyExists => 6,
         C::FailedPrecondition => 7,
         C::Unauthenticated => 8,
+        C::DeadlineExceeded => 9,
         _ => 1,
     };
-    let msg = if s.code() == C::Unavailable {
+    // The cluster's own UNAVAILABLE (no leader right now) says so itself.
+    let msg = if s.code() == C::Unavailable && !s.message().contains("cluster") {
         format!("the target is not answering: {}", s.message())
     } else {
         s.message().to_string()
@@ -746,6 +775,44 @@ async fn run_async(a: CtlArgs) -> Result<(), CtlError> {
             .map_err(from_status)?;
             done(json, format!("controller {cntlid} of {nqn} disconnected"))?
         }
+        CtlCmd::Cluster(ClusterCmd::Leave) => {
+            c.cluster_leave(req(pb::ClusterLeaveRequest {}, t))
+                .await
+                .map_err(from_status)?;
+            done(json, "left the cluster".into())?
+        }
+        CtlCmd::Cluster(cmd) => {
+            let reply = match cmd {
+                ClusterCmd::Init { name } => c
+                    .cluster_init(req(
+                        pb::ClusterInitRequest {
+                            name: name.clone().unwrap_or_default(),
+                        },
+                        t,
+                    ))
+                    .await
+                    .map_err(from_status)?
+                    .into_inner(),
+                ClusterCmd::Join { member, name } => c
+                    .cluster_join(req(
+                        pb::ClusterJoinRequest {
+                            member_addr: member.clone(),
+                            name: name.clone().unwrap_or_default(),
+                        },
+                        t,
+                    ))
+                    .await
+                    .map_err(from_status)?
+                    .into_inner(),
+                // Leave is answered above.
+                ClusterCmd::Status | ClusterCmd::Leave => c
+                    .cluster_status(req(pb::ClusterStatusRequest {}, t))
+                    .await
+                    .map_err(from_status)?
+                    .into_inner(),
+            };
+            cluster_out(&reply, json)?
+        }
         CtlCmd::SaveConfig { output } => {
             let text = c
                 .save_config(req(pb::SaveConfigRequest {}, t))
@@ -782,6 +849,81 @@ async fn run_async(a: CtlArgs) -> Result<(), CtlError> {
         println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
     }
     Ok(())
+}
+
+fn cluster_out(s: &pb::ClusterStatusReply, json: bool) -> Result<Value, CtlError> {
+    let members: Vec<Value> = s
+        .members
+        .iter()
+        .map(|m| {
+            json!({"id": m.id, "name": m.name, "raft_addr": m.raft_addr, "role": m.role,
+                   "voter": m.voter, "reachable": m.reachable, "up": m.up,
+                   "listeners": m.listeners})
+        })
+        .collect();
+    let groups: Vec<Value> = s
+        .groups
+        .iter()
+        .map(|g| json!({"id": g.id, "owner": (g.owner != 0).then_some(g.owner), "epoch": g.epoch}))
+        .collect();
+    let v = json!({
+        "id": s.id, "role": s.role, "leader": (s.leader != 0).then_some(s.leader),
+        "leader_addr": s.leader_addr, "term": s.term, "commit": s.commit,
+        "applied": s.applied, "witness": s.witness, "refused_calls": s.refused_calls,
+        "dropped_messages": s.dropped_messages, "members": members, "groups": groups,
+    });
+    if json {
+        return Ok(v);
+    }
+    let leader = if s.leader == 0 {
+        "(none)".to_string()
+    } else {
+        format!("{} ({})", s.leader, s.leader_addr)
+    };
+    println!("node     {} ({})", s.id, s.role);
+    println!("leader   {leader}");
+    println!("term     {}", s.term);
+    println!("commit   {}", s.commit);
+    println!("applied  {}", s.applied);
+    println!();
+    let rows: Vec<Vec<String>> = s
+        .members
+        .iter()
+        .map(|m| {
+            vec![
+                m.id.to_string(),
+                m.name.clone(),
+                m.raft_addr.clone(),
+                m.role.clone(),
+                if m.voter { "yes" } else { "no" }.into(),
+                if m.reachable { "yes" } else { "no" }.into(),
+            ]
+        })
+        .collect();
+    table(
+        &["ID", "NAME", "CLUSTER ADDR", "ROLE", "VOTER", "REACHABLE"],
+        &rows,
+    );
+    if !s.groups.is_empty() {
+        println!();
+        let rows: Vec<Vec<String>> = s
+            .groups
+            .iter()
+            .map(|g| {
+                vec![
+                    g.id.to_string(),
+                    if g.owner == 0 {
+                        "-".into()
+                    } else {
+                        g.owner.to_string()
+                    },
+                    g.epoch.to_string(),
+                ]
+            })
+            .collect();
+        table(&["ANA GROUP", "OWNER", "EPOCH"], &rows);
+    }
+    Ok(Value::Null)
 }
 
 /// `Null` for JSON (nothing more to say), or the line for humans.

@@ -11,12 +11,14 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{self, find_subsystem, status_of};
 use super::ops::Op;
+use crate::cluster::Cluster;
 use crate::control::{ChangeError, Changed, ControlHandle, View};
 
 pub struct Service {
     ctl: ControlHandle,
     started: Instant,
     reactors: usize,
+    cluster: Option<Cluster>,
 }
 
 impl Service {
@@ -25,7 +27,34 @@ impl Service {
             ctl,
             started: Instant::now(),
             reactors,
+            cluster: None,
         }
+    }
+
+    /// Answers `cluster` calls from this node's cluster driver (and, on a
+    /// witness, refuses namespace changes).
+    pub fn with_cluster(mut self, cluster: Option<Cluster>) -> Self {
+        self.cluster = cluster;
+        self
+    }
+
+    fn cluster(&self) -> Result<&Cluster, Status> {
+        self.cluster.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "this strata serve is not in cluster mode; fix: restart it with --cluster-addr IP:PORT --cluster-token-file FILE",
+            )
+        })
+    }
+
+    /// This node's NVMe/TCP listeners, for its entry in the cluster state.
+    fn listener_addrs(&self) -> Vec<String> {
+        self.ctl
+            .view()
+            .cfg
+            .listeners
+            .iter()
+            .map(|l| l.addr.to_string())
+            .collect()
     }
 
     async fn change(&self, op: Op) -> Result<std::sync::Arc<View>, Status> {
@@ -33,6 +62,13 @@ impl Service {
     }
 
     async fn change_full(&self, op: Op) -> Result<Changed, Status> {
+        if self.cluster.as_ref().is_some_and(Cluster::witness)
+            && matches!(op, Op::AddNamespace { .. } | Op::ResizeNamespace { .. })
+        {
+            return Err(Status::failed_precondition(
+                "this node is a witness (strata serve --witness): it stores no data and serves no namespaces; fix: add the namespace on a storage node",
+            ));
+        }
         tracing::info!(change = op.name(), "management change");
         self.ctl.change(op).await.map_err(|e| match e {
             ChangeError::Invalid(e) => status_of(&e),
@@ -391,6 +427,39 @@ impl Management for Service {
         );
         c.destroy();
         Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn cluster_init(&self, r: Request<pb::ClusterInitRequest>) -> R<pb::ClusterStatusReply> {
+        let c = self.cluster()?;
+        let s = c.init(r.into_inner().name, self.listener_addrs()).await?;
+        Ok(Response::new(c.status_reply(&s)))
+    }
+
+    async fn cluster_join(&self, r: Request<pb::ClusterJoinRequest>) -> R<pb::ClusterStatusReply> {
+        let c = self.cluster()?;
+        let r = r.into_inner();
+        let s = c.join(r.member_addr, r.name, self.listener_addrs()).await?;
+        Ok(Response::new(c.status_reply(&s)))
+    }
+
+    async fn cluster_leave(&self, _: Request<pb::ClusterLeaveRequest>) -> R<pb::Empty> {
+        self.cluster()?.leave().await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn cluster_status(
+        &self,
+        _: Request<pb::ClusterStatusRequest>,
+    ) -> R<pb::ClusterStatusReply> {
+        let c = self.cluster()?;
+        let s = c.snapshot();
+        if s.id == 0 {
+            return Err(Status::failed_precondition(match &s.fatal {
+                Some(e) => format!("the cluster driver stopped: {e}; fix: restart strata serve"),
+                None => crate::cluster::driver::not_member(),
+            }));
+        }
+        Ok(Response::new(c.status_reply(&s)))
     }
 
     async fn save_config(&self, _: Request<pb::SaveConfigRequest>) -> R<pb::SaveConfigReply> {
