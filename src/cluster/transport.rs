@@ -67,13 +67,7 @@ pub struct TokenCheck {
 
 impl Interceptor for TokenCheck {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        let got = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if constant_time_eq(got.as_bytes(), self.want.as_bytes()) {
+        if crate::mgmt::listen::bearer_matches(&req, &self.want) {
             Ok(req)
         } else {
             self.counters.refused_calls.fetch_add(1, Ordering::Relaxed);
@@ -83,13 +77,6 @@ impl Interceptor for TokenCheck {
             ))
         }
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Adds the bearer token to a request.

@@ -147,13 +147,7 @@ struct TokenCheck {
 
 impl Interceptor for TokenCheck {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        let got = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if constant_time_eq(got.as_bytes(), self.want.as_bytes()) {
+        if bearer_matches(&req, &self.want) {
             Ok(req)
         } else {
             Err(Status::unauthenticated(
@@ -161,6 +155,18 @@ impl Interceptor for TokenCheck {
             ))
         }
     }
+}
+
+/// Whether the call carries `authorization: Bearer <want>`, compared in
+/// constant time (the management and cluster ports share the check).
+pub(crate) fn bearer_matches(req: &Request<()>, want: &str) -> bool {
+    let got = req
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    constant_time_eq(got.as_bytes(), want.as_bytes())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

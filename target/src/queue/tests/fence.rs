@@ -175,25 +175,6 @@ fn write_small(io: &mut Host, nsid: u32, slba: u64, seed: u8) -> Vec<Rsp> {
     io.capsule(on_ns(io_cmd(io_opc::WRITE, slba, 8, false), nsid), &data)
 }
 
-/// The H2CData PDUs that answer `r2t` with `data`.
-fn h2c_for(io: &Host, r2t: &pdu::R2T, data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut off = 0;
-    while off < data.len() {
-        let n = (data.len() - off).min(ctrlr::MAXH2CDATA as usize);
-        let h = pdu::H2CData {
-            cccid: r2t.cccid,
-            ttag: r2t.ttag,
-            datao: off as u32,
-            datal: n as u32,
-            last: off + n == data.len(),
-        };
-        crate::host::encode_h2c(&h, &data[off..off + n], io.hdgst, io.ddgst, &mut out);
-        off += n;
-    }
-    out
-}
-
 fn only_cpl(r: &[Rsp]) -> NvmeCpl {
     match r {
         [Rsp::Cpl(c)] => *c,

@@ -305,18 +305,11 @@ fn bring_up_with(target: &Arc<Target>, digests: bool, limits: QueueLimits) -> (H
     (admin, io)
 }
 
-fn write(io: &mut Host, slba: u64, data: &[u8]) -> NvmeCpl {
-    let nlb = (data.len() / 512) as u32;
-    if data.len() <= ctrlr::IN_CAPSULE_DATA_SIZE as usize {
-        return io.cpl(io_cmd(io_opc::WRITE, slba, nlb, false), data);
-    }
-    let r = io.capsule(io_cmd(io_opc::WRITE, slba, nlb, true), &[]);
-    let [Rsp::R2T(r2t)] = &r[..] else {
-        panic!("expected R2T: {r:?}")
-    };
-    assert_eq!(r2t.r2tl as usize, data.len());
-    let mut off = 0;
+/// The H2CData PDUs that answer `r2t` with `data`, in MAXH2CDATA pieces,
+/// with the digests the connection negotiated.
+fn h2c_for(io: &Host, r2t: &pdu::R2T, data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
+    let mut off = 0;
     while off < data.len() {
         let n = (data.len() - off).min(ctrlr::MAXH2CDATA as usize);
         let h = pdu::H2CData {
@@ -329,6 +322,20 @@ fn write(io: &mut Host, slba: u64, data: &[u8]) -> NvmeCpl {
         crate::host::encode_h2c(&h, &data[off..off + n], io.hdgst, io.ddgst, &mut out);
         off += n;
     }
+    out
+}
+
+fn write(io: &mut Host, slba: u64, data: &[u8]) -> NvmeCpl {
+    let nlb = (data.len() / 512) as u32;
+    if data.len() <= ctrlr::IN_CAPSULE_DATA_SIZE as usize {
+        return io.cpl(io_cmd(io_opc::WRITE, slba, nlb, false), data);
+    }
+    let r = io.capsule(io_cmd(io_opc::WRITE, slba, nlb, true), &[]);
+    let [Rsp::R2T(r2t)] = &r[..] else {
+        panic!("expected R2T: {r:?}")
+    };
+    assert_eq!(r2t.r2tl as usize, data.len());
+    let out = h2c_for(io, r2t, data);
     let r = io.send(&out);
     match r.last() {
         Some(Rsp::Cpl(c)) => *c,

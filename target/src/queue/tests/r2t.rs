@@ -46,7 +46,7 @@ fn r2t_budget_bounds_solicited_writes_and_serves_them_in_order() {
     let mut done = 0;
     while let Some(r2t) = r2ts.first().copied() {
         r2ts.remove(0);
-        let r = io.send(&h2c_for(&r2t));
+        let r = io.send(&fill_r2t(&io, &r2t));
         done += responses(&r).len();
         r2ts.extend(
             r.into_iter()
@@ -57,29 +57,9 @@ fn r2t_budget_bounds_solicited_writes_and_serves_them_in_order() {
     io.qp.check_completions().unwrap();
 }
 
-/// All the data one R2T asks for, in MAXH2CDATA pieces.
-fn h2c_for(r2t: &pdu::R2T) -> Vec<u8> {
-    let mut out = Vec::new();
-    let n = r2t.r2tl as usize;
-    let mut off = 0;
-    while off < n {
-        let k = (n - off).min(ctrlr::MAXH2CDATA as usize);
-        pdu::encode_h2c_data(
-            &pdu::H2CData {
-                cccid: r2t.cccid,
-                ttag: r2t.ttag,
-                datao: off as u32,
-                datal: k as u32,
-                last: off + k == n,
-            },
-            false,
-            false,
-            &mut out,
-        );
-        out.resize(out.len() + k, 0x5a);
-        off += k;
-    }
-    out
+/// All the data one R2T asks for.
+fn fill_r2t(io: &Host, r2t: &pdu::R2T) -> Vec<u8> {
+    h2c_for(io, r2t, &vec![0x5a; r2t.r2tl as usize])
 }
 
 /// A write waiting for budget gets its R2T when a completion frees it,
@@ -105,7 +85,7 @@ fn a_completion_alone_releases_the_next_r2t() {
     assert!(r.is_empty(), "budget held by the first write: {r:?}");
     // The first write's data: the device completes it (RAM: at submit),
     // and the completion, polled after the input, must bring the R2T.
-    let mut out = h2c_for(&first);
+    let mut out = fill_r2t(&io, &first);
     let mut pending = &out[..];
     while !pending.is_empty() {
         let used = io.qp.handle_input(pending, io.now);
@@ -129,7 +109,7 @@ fn a_completion_alone_releases_the_next_r2t() {
         panic!("the second write's R2T must follow the first's completion: {r:?}")
     };
     let second = *second;
-    let done = responses(&io.send(&h2c_for(&second)));
+    let done = responses(&io.send(&fill_r2t(&io, &second)));
     assert_eq!(done.len(), 1, "the second write completes");
     io.qp.check_completions().unwrap();
 }
